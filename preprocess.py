@@ -1,0 +1,526 @@
+"""
+Raw NIfTI -> training-ready arrays (the BRAINS-45K recipe of AMAES), and the demo data.
+
+    python preprocess.py --input RAW --output OUT [--workers N] [--overwrite]
+    python preprocess.py --demo demo            # synthetic dataset -> demo/raw, demo/preprocessed
+
+RAW is either
+  - an nnU-Net-style labelled dataset: imagesTr/<case>_0000.nii.gz (one file per
+    channel), labelsTr/<case>.nii.gz, optional imagesTs/ (+ labelsTs/), dataset.json.
+    Without imagesTs, a seeded 25 % of the training cases becomes the test split.
+  - any other folder: searched recursively for *.nii / *.nii.gz, each 3D file one
+    single-channel pretraining volume; a 4D file is split into its 3D volumes
+    (cases <name>_v000, <name>_v001, ...), since each MRI sequence or time point is its
+    own pretraining volume.
+
+Per case: reorient to RAS (TorchIO ToCanonical) -> resample to 1 mm isotropic (TorchIO
+Resample: cubic B-spline for images, nearest for labels) -> per channel clip at the
+99th percentile of the foreground (voxels != the volume minimum) -> z-score with the
+foreground mean/std -> min-max rescale to [0, 1] (background = 0) -> crop to the
+bounding box of the nonzero voxels. Written to OUT:
+  images/<case>.npy  float16 (C, X, Y, Z)    labels/<case>.npy  uint8 (X, Y, Z)
+  meta/<case>.json   sources, original geometry, crop box, intensity values
+  dataset.json       cases with split, channels, labels;  failed.json  what failed and why
+Every file is written under a temporary name and renamed; meta/<case>.json is written
+last and marks the case done, so a rerun skips done cases, redoes anything a killed
+run left half-written and retries failures. Input files are only read.
+Exit status: 0 when every input was used, 1 when any case failed, 2 for bad flags.
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from tqdm import tqdm
+
+MIN_SIDE = 15  # volumes with a shorter side are rejected (BRAINS-45K recipe)
+
+
+class CaseError(Exception):
+    """A problem with one input case: reported, recorded in failed.json, then skipped."""
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a temp file in the same folder, then os.replace
+
+def write_atomic(path, write):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_json(path, obj):
+    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1)))
+
+
+def save_npy(path, arr):
+    def write(p):
+        with open(p, "wb") as f:
+            np.save(f, arr)
+    write_atomic(path, write)
+
+
+# -----------------------------------------------------------------------------
+# Reading and checking one NIfTI
+
+def read_nifti(path):
+    """(data float32 array, affine) of a NIfTI file, fully read so that truncation shows."""
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel, gzip, zlib and EOF errors all mean the same to a user
+        raise CaseError(f"cannot read as NIfTI ({type(e).__name__}: {str(e)[:120]}); "
+                        "the file is corrupt, truncated or not NIfTI: re-export or re-download it")
+    return data, img.affine
+
+
+def check_volume(data, what):
+    if data.ndim != 3:
+        raise CaseError(f"{what} has shape {data.shape}, expected a 3D volume")
+    if min(data.shape) < MIN_SIDE:
+        raise CaseError(f"{what} has shape {data.shape}: a side is shorter than {MIN_SIDE} voxels")
+    if not np.isfinite(data).all():
+        raise CaseError(f"{what} has {int((~np.isfinite(data)).sum())} NaN/inf voxels; fix or remove them")
+    if data.min() == data.max():
+        raise CaseError(f"{what} is empty (every voxel is {data.min():g})")
+
+
+def same_grid(a_shape, a_aff, b_shape, b_aff, tol=1e-3):
+    return tuple(a_shape) == tuple(b_shape) and np.allclose(a_aff, b_aff, atol=tol)
+
+
+# -----------------------------------------------------------------------------
+# The recipe, forward and back
+
+def normalise(x):
+    """Clip at the foreground 99th percentile, z-score, rescale to [0, 1]. x: (X, Y, Z)."""
+    fg = x != x.min()
+    clip = float(np.percentile(x[fg], 99))
+    x = np.minimum(x, clip)
+    mean, std = float(x[fg].mean()), float(x[fg].std())
+    x = (x - mean) / max(std, 1e-8)
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / max(hi - lo, 1e-8)
+    return x, {"clip": clip, "mean": mean, "std": std, "z_min": lo, "z_max": hi}
+
+
+def preprocess_arrays(channels, affine, label=None):
+    """channels: list of (X, Y, Z) arrays on one grid with `affine`; label likewise or None.
+    Returns (image (C, x, y, z) float32 in [0, 1], label (x, y, z) uint8 or None, geometry+
+    intensity meta). Orientation and resampling are TorchIO's (nibabel / SimpleITK)."""
+    subject = tio.Subject(image=tio.ScalarImage(tensor=np.stack(channels), affine=affine))
+    if label is not None:
+        subject.add_image(tio.LabelMap(tensor=label[None], affine=affine), "label")
+    subject = tio.Resample(1.0, image_interpolation="bspline", label_interpolation="nearest")(tio.ToCanonical()(subject))
+    image = subject["image"].data.numpy().astype(np.float32)  # (C, X, Y, Z), RAS, 1 mm
+    canon_affine, canon_shape = subject["image"].affine, image.shape[1:]
+    stats = []
+    for c, ch in enumerate(channels):
+        # Cubic interpolation over- and undershoots at edges and leaves round-off in
+        # flat air; clamp to the input range and snap near-minimum values back to the
+        # minimum, so "foreground = voxels != minimum" still means the head.
+        lo, hi = float(ch.min()), float(ch.max())
+        image[c] = np.clip(image[c], lo, hi)
+        image[c][image[c] < lo + 1e-4 * (hi - lo)] = lo
+        image[c], s = normalise(image[c])
+        stats.append(s)
+    nz = np.argwhere((image > 0).any(0))
+    if len(nz) == 0:
+        raise CaseError("nothing is left above the background after normalisation")
+    box = [[int(a), int(b) + 1] for a, b in zip(nz.min(0), nz.max(0))]
+    crop = (slice(None),) + tuple(slice(a, b) for a, b in box)
+    image = image[crop]
+    lab = None
+    if label is not None:
+        lab = subject["label"].data.numpy()[0][crop[1:]].round().astype(np.uint8)
+    meta = {"canonical_affine": canon_affine.tolist(), "canonical_shape": [int(s) for s in canon_shape],
+            "crop_box": box, "shape": list(image.shape), "intensity": stats}
+    return image, lab, meta
+
+
+def to_native(arr, meta, interpolation="nearest"):
+    """Map an array on the preprocessed grid (X, Y, Z), or (C, X, Y, Z), back onto the
+    original image's voxel grid: un-crop into the canonical 1 mm grid (zeros
+    outside), then resample onto the original affine and shape, which also undoes the
+    reorientation. Labels: nearest (exact wherever the 1 mm grid holds the original
+    voxel centre; off by at most one voxel at label boundaries when resampling)."""
+    squeeze = arr.ndim == 3
+    arr = arr[None] if squeeze else arr
+    full = np.zeros((arr.shape[0], *meta["canonical_shape"]), dtype=np.float32)
+    full[(slice(None),) + tuple(slice(a, b) for a, b in meta["crop_box"])] = arr
+    kind = tio.LabelMap if interpolation == "nearest" else tio.ScalarImage
+    img = kind(tensor=torch.from_numpy(full), affine=np.array(meta["canonical_affine"]))
+    target = (tuple(meta["original_shape"]), np.array(meta["original_affine"]))
+    out = tio.Resample(target, image_interpolation=interpolation, label_interpolation=interpolation)(img).data.numpy()
+    return out[0] if squeeze else out
+
+
+# -----------------------------------------------------------------------------
+# Finding the cases
+
+def label_values(dataset_json):
+    """Label values allowed by an nnU-Net dataset.json (v2 {name: value} or v1 {value: name})."""
+    labels = dataset_json.get("labels")
+    if not labels:
+        return None
+    vals = set()
+    for k, v in labels.items():
+        for x in (v if isinstance(v, (list, tuple)) else [v]) if not str(k).isdigit() else [k]:
+            vals.add(int(x))
+    return sorted(vals)
+
+
+def find_labelled(root):
+    """Cases of an nnU-Net dataset: [(case, split, [channel files], label file or None)],
+    plus failures for files that do not fit the layout, and dataset.json's content."""
+    meta = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").exists() else {}
+    n_ch = len(meta.get("channel_names", meta.get("modality", {}))) or None
+    cases, failed = [], []
+    for split, img_dir, lab_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
+        if not (root / img_dir).is_dir():
+            continue
+        groups = {}
+        for f in sorted((root / img_dir).iterdir()):
+            if not f.name.endswith((".nii", ".nii.gz")):
+                continue
+            m = re.fullmatch(r"(.+)_(\d{4})\.nii(\.gz)?", f.name)
+            if not m:
+                failed.append({"case": f.name, "files": [str(f)], "reason": "name does not follow <case>_0000.nii.gz"})
+                continue
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = f
+        channels = n_ch or max((len(g) for g in groups.values()), default=1)
+        for case, g in groups.items():
+            files = [g.get(c) for c in range(channels)]
+            lab = next((p for p in (root / lab_dir / f"{case}.nii.gz", root / lab_dir / f"{case}.nii") if p.exists()), None)
+            if None in files or len(g) != channels:
+                failed.append({"case": case, "files": [str(p) for p in g.values()],
+                               "reason": f"expected channels 0000..{channels - 1:04d}, found {sorted(g)}"})
+            elif split == "train" and lab is None:
+                failed.append({"case": case, "files": [str(p) for p in files], "reason": f"no label {lab_dir}/{case}.nii.gz"})
+            else:
+                cases.append({"case": case, "split": split, "files": [str(p) for p in files],
+                              "label": str(lab) if lab else None})
+    return cases, failed, meta
+
+
+def find_unlabelled(root):
+    """Every *.nii / *.nii.gz below root, one case per 3D volume (4D files split)."""
+    cases, failed = [], []
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    for f in files:
+        case = re.sub(r"\.nii(\.gz)?$", "", str(f.relative_to(root))).replace(os.sep, "_")
+        try:
+            shape = nib.load(str(f)).shape  # header only
+        except Exception as e:
+            failed.append({"case": case, "files": [str(f)], "reason": f"cannot read NIfTI header ({type(e).__name__}); re-export the file"})
+            continue
+        if len(shape) == 4 and shape[3] > 1:
+            cases += [{"case": f"{case}_v{t:03d}", "split": "train", "files": [str(f)], "volume": t, "label": None}
+                      for t in range(shape[3])]
+        else:
+            cases.append({"case": case, "split": "train", "files": [str(f)], "label": None})
+    return cases, failed
+
+
+def fingerprint(c):
+    return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in c["files"] + ([c["label"]] if c["label"] else [])]
+
+
+def is_done(out, c):
+    """Done = a meta file that parses, matches the inputs' size and mtime, and whose
+    arrays exist with the recorded shape (np.load reads only the header)."""
+    try:
+        meta = json.loads((out / "meta" / f"{c['case']}.json").read_text())
+        if meta["fingerprint"] != fingerprint(c):
+            return False
+        if tuple(np.load(out / "images" / f"{c['case']}.npy", mmap_mode="r").shape) != tuple(meta["shape"]):
+            return False
+        if c["label"] and tuple(np.load(out / "labels" / f"{c['case']}.npy", mmap_mode="r").shape) != tuple(meta["shape"][1:]):
+            return False
+        return True
+    except Exception:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# One case (runs in a worker process)
+
+def process_case(c, out, allowed_labels):
+    name = c["case"]
+    channels, affine = [], None
+    for i, f in enumerate(c["files"]):
+        data, aff = read_nifti(f)
+        if "volume" in c:
+            data = data[..., c["volume"]]
+        elif data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        elif data.ndim == 4:
+            raise CaseError(f"{f} is 4D {data.shape}; give one 3D file per channel")
+        check_volume(data, f)
+        if affine is not None and not same_grid(channels[0].shape, affine, data.shape, aff):
+            raise CaseError(f"{f}: its grid differs from channel 0's {c['files'][0]}; register the channels first")
+        affine = aff if affine is None else affine
+        channels.append(data)
+    label = None
+    if c["label"]:
+        label, laff = read_nifti(c["label"])
+        if label.ndim == 4 and label.shape[3] == 1:
+            label = label[..., 0]
+        if not same_grid(label.shape, laff, channels[0].shape, affine):
+            raise CaseError(f"label {c['label']} has shape {label.shape} / affine differing from the image "
+                            f"{channels[0].shape}; it must share the image's voxel grid")
+        if not np.isfinite(label).all() or (label != np.round(label)).any():
+            raise CaseError(f"label {c['label']} has non-integer values")
+        vals = sorted(int(v) for v in np.unique(label))
+        if allowed_labels is not None and set(vals) - set(allowed_labels):
+            raise CaseError(f"label {c['label']} has values {sorted(set(vals) - set(allowed_labels))} "
+                            f"not in dataset.json's labels {allowed_labels}")
+    image, lab, meta = preprocess_arrays(channels, affine, label)
+    save_npy(out / "images" / f"{name}.npy", image.astype(np.float16))
+    if lab is not None:
+        save_npy(out / "labels" / f"{name}.npy", lab)
+    meta.update({"case": name, "split": c["split"], "source_files": c["files"], "source_label": c["label"],
+                 "volume": c.get("volume"), "original_affine": np.asarray(affine).tolist(),
+                 "original_shape": list(channels[0].shape),
+                 "original_spacing": [float(s) for s in nib.affines.voxel_sizes(affine)],
+                 "original_orientation": "".join(nib.aff2axcodes(affine)), "fingerprint": fingerprint(c),
+                 "label_counts": {str(v): int(n) for v, n in zip(*np.unique(lab, return_counts=True))} if lab is not None else None})
+    save_json(out / "meta" / f"{name}.json", meta)  # last: marks the case done
+    return meta
+
+
+def worker(c, out, allowed_labels):
+    """Returns (case, meta or None, error text or None); never raises."""
+    try:
+        return c["case"], process_case(c, out, allowed_labels), None
+    except CaseError as e:
+        return c["case"], None, str(e)
+    except Exception as e:  # an unforeseen failure must not stop the batch either
+        return c["case"], None, f"unexpected {type(e).__name__}: {e}"
+
+
+def init_worker():
+    torch.set_num_threads(1)
+    import SimpleITK as sitk
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def assign_test_split(cases, fraction, seed):
+    """Without imagesTs: a seeded `fraction` of the training cases becomes the test split."""
+    if any(c["split"] == "test" for c in cases) or not any(c["label"] for c in cases):
+        return None
+    names = sorted(c["case"] for c in cases)
+    rng = np.random.default_rng(seed)
+    test = set(rng.choice(names, size=int(round(fraction * len(names))), replace=False).tolist())
+    for c in cases:
+        c["split"] = "test" if c["case"] in test else "train"
+    return {"seed": seed, "fraction": fraction}
+
+
+def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=False):
+    """Preprocess `inp` into `out`; returns (n_done, n_skipped, failures)."""
+    t0 = time.time()
+    labelled = (inp / "imagesTr").is_dir()
+    if labelled:
+        cases, failed, ds_meta = find_labelled(inp)
+        split_info = assign_test_split(cases, test_fraction, seed)
+    else:
+        (cases, failed), ds_meta, split_info = find_unlabelled(inp), {}, None
+    allowed = label_values(ds_meta)
+    for d in ("images", "labels", "meta") if labelled else ("images", "meta"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*/.*.tmp"):  # what a killed run left behind
+        stale.unlink()
+    todo = [c for c in cases if overwrite or not is_done(out, c)]
+    skipped = len(cases) - len(todo)
+    done, metas = 0, {}
+    bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=quiet or not todo)
+    say = bar.write if not quiet else (lambda s: None)
+    for f in failed:
+        print(f"FAILED {f['case']}: {f['reason']}", file=sys.stderr)
+    if workers > 1 and len(todo) > 1:
+        pool = cf.ProcessPoolExecutor(workers, initializer=init_worker)
+        results = pool.map(worker, todo, [out] * len(todo), [allowed] * len(todo), chunksize=1)
+    else:
+        pool, results = None, (worker(c, out, allowed) for c in todo)
+    by_name = {c["case"]: c for c in cases}
+    for name, meta, err in results:
+        bar.update(1)
+        if err:
+            failed.append({"case": name, "files": by_name[name]["files"] + ([by_name[name]["label"]] if by_name[name]["label"] else []), "reason": err})
+            print(f"FAILED {name}: {err}", file=sys.stderr)
+        else:
+            done += 1
+    bar.close()
+    if pool:
+        pool.shutdown()
+    failed_names = {f["case"] for f in failed}
+    entries = []
+    for c in cases:
+        if c["case"] in failed_names:
+            continue
+        meta = json.loads((out / "meta" / f"{c['case']}.json").read_text())
+        entries.append({"case": c["case"], "split": c["split"], "shape": meta["shape"],
+                        "label_counts": meta["label_counts"]})
+    channels = ds_meta.get("channel_names", ds_meta.get("modality")) or {"0": "MRI"}
+    summary = {"name": ds_meta.get("name", inp.name), "source": str(inp), "labelled": labelled,
+               "channels": channels, "n_channels": len(channels) if labelled else 1,
+               "labels": ds_meta.get("labels"), "label_values": allowed, "test_split": split_info,
+               "counts": {"train": sum(e["split"] == "train" for e in entries),
+                          "test": sum(e["split"] == "test" for e in entries), "failed": len(failed)},
+               "cases": entries}
+    save_json(out / "dataset.json", summary)
+    save_json(out / "failed.json", failed)
+    if not quiet:
+        say(f"preprocess: {done} done, {skipped} skipped (already done), {len(failed)} failed "
+            f"in {time.time() - t0:.1f} s -> {out}" + (f"  (see {out / 'failed.json'})" if failed else ""))
+    return done, skipped, failed
+
+
+# -----------------------------------------------------------------------------
+# The demo dataset: brain-like phantoms with lesion labels
+
+def smooth_noise(rng, shape, scale):
+    """Smooth random field in [-1, 1]-ish: coarse noise upsampled (trilinear)."""
+    coarse = torch.from_numpy(rng.standard_normal([max(2, s // scale) for s in shape]).astype(np.float32))
+    return torch.nn.functional.interpolate(coarse[None, None], size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
+
+
+def demo_phantom(rng, shape=(72, 84, 72)):
+    """A 1 mm RAS head: scalp, skull, CSF, grey and white matter with smooth random
+    folding, ventricles, and 1-4 lesion blobs in white matter (label 1). Returns
+    (FLAIR-like intensities, label)."""
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    radii = rng.uniform(0.78, 0.9, 3)
+    r = np.sqrt(((g / radii[:, None, None, None]) ** 2).sum(0))  # ellipsoidal radius
+    r = r + 0.04 * smooth_noise(rng, shape, 12)
+    img = np.zeros(shape, np.float32)  # air
+    img[r < 1.0] = 0.35   # scalp
+    img[r < 0.93] = 0.08  # skull (dark)
+    img[r < 0.87] = 0.12  # CSF
+    fold = 0.08 * smooth_noise(rng, shape, 6)
+    brain, wm = r + fold < 0.82, r + 1.5 * fold < 0.62
+    img[brain] = 0.75  # grey matter
+    img[wm] = 0.55     # white matter
+    vent = np.sqrt(((g - np.array([0, 0.05, 0.1])[:, None, None, None]) ** 2 / np.array([0.12, 0.3, 0.12])[:, None, None, None] ** 2).sum(0)) < 1
+    img[vent & wm] = 0.12
+    label = np.zeros(shape, np.uint8)
+    for _ in range(rng.integers(1, 5)):
+        for _ in range(100):  # a centre inside white matter
+            c = [rng.integers(0, s) for s in shape]
+            if wm[tuple(c)] and not vent[tuple(c)]:
+                break
+        rad = rng.uniform(3, 7)
+        idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+        d = np.sqrt(((idx - np.array(c)[:, None, None, None]) ** 2).sum(0)) + 2 * smooth_noise(rng, shape, 8)
+        blob = (d < rad) & brain
+        label[blob] = 1
+        img[blob] = rng.uniform(0.95, 1.1)
+    img = img * (1 + 0.03 * smooth_noise(rng, shape, 3))  # texture
+    return img, label
+
+
+def make_demo(root, n_cases=32, seed=0, quiet=False, shape=(72, 84, 72)):
+    """Write the demo dataset in the nnU-Net layout to root (imagesTr, labelsTr,
+    dataset.json; no imagesTs, so preprocessing draws the 25 % test split). Each case
+    gets a random intensity scale, bias field, noise, an anisotropic spacing and a
+    non-RAS storage orientation, so the demo exercises the real preprocessing path."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    codes = [("L", "P", "S"), ("R", "A", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "L"), ("S", "R", "A")]
+    for i in tqdm(range(n_cases), desc="demo", unit="case", disable=quiet):
+        img, lab = demo_phantom(rng, tuple(shape))
+        img = img * (1 + 0.3 * smooth_noise(rng, img.shape, 24))  # bias field
+        noise = rng.normal(0, 0.02, img.shape) * (img > 0)  # air stays 0, so the brain crop has work to do
+        img = np.abs(img + noise) * rng.uniform(100, 3000)  # Rician-like magnitude noise, random scale
+        spacing = np.array([1.0, 1.0, 1.0])
+        spacing[rng.integers(0, 3)] = rng.choice([1.5, 2.0])  # one thick-slice axis
+        # thick slices: keep the 1 mm planes nearest to each slice centre
+        ax = int(np.argmax(spacing))
+        k = spacing[ax]
+        n = int(img.shape[ax] / k)
+        src = (np.arange(n) * k + (k - 1) / 2).round().astype(int)
+        img_s, lab_s = np.take(img, src, axis=ax), np.take(lab, src, axis=ax)
+        affine = np.diag([*spacing, 1.0])
+        affine[:3, 3] = -np.array(img_s.shape) * spacing / 2 + rng.uniform(-5, 5, 3)
+        ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                               nib.orientations.axcodes2ornt(codes[i % len(codes)]))
+        name = f"demo_{i:03d}"
+        im = nib.Nifti1Image(img_s.astype(np.float32), affine).as_reoriented(ornt)
+        lb = nib.Nifti1Image(lab_s.astype(np.uint8), affine).as_reoriented(ornt)
+        im.set_qform(im.affine, 1), lb.set_qform(lb.affine, 1)
+        nib.save(im, root / "imagesTr" / f"{name}_0000.nii.gz")
+        nib.save(lb, root / "labelsTr" / f"{name}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "AMAES-demo", "channel_names": {"0": "FLAIR"}, "labels": {"background": 0, "lesion": 1},
+        "numTraining": n_cases, "file_ending": ".nii.gz"}, indent=1))
+
+
+# -----------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:\n  python preprocess.py --input /data/OASIS3 --output data/oasis\n"
+                                       "  python preprocess.py --input /data/Dataset501_WMH --output data/wmh\n"
+                                       "  python preprocess.py --demo demo")
+    p.add_argument("--input", type=Path, help="raw folder: nnU-Net dataset (imagesTr/...) or any folder of NIfTI files")
+    p.add_argument("--output", type=Path, help="where images/, labels/, meta/, dataset.json, failed.json go")
+    p.add_argument("--demo", type=Path, metavar="DIR", help="write the synthetic demo dataset to DIR/raw and preprocess it to DIR/preprocessed")
+    p.add_argument("--demo-cases", type=int, default=32, help="number of demo cases (default 32)")
+    p.add_argument("--demo-shape", type=int, nargs=3, default=[72, 84, 72], metavar=("X", "Y", "Z"),
+                   help="demo head size in 1 mm voxels (default 72 84 72; e.g. 160 192 160 for real-size benchmarks)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="redo every case, also those already done")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="test share when the dataset has no imagesTs (default 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test split and of the demo phantoms (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    a = p.parse_args(argv)
+    if a.demo is not None:
+        if a.input or a.output:
+            p.error("--demo DIR writes DIR/raw and DIR/preprocessed itself; do not combine it with --input/--output")
+        a.input, a.output = a.demo / "raw", a.demo / "preprocessed"
+    else:
+        if a.input is None or a.output is None:
+            p.error("give --input RAW and --output OUT (or --demo DIR)")
+        if not a.input.is_dir():
+            p.error(f"--input {a.input}: no such folder")
+        if a.output.resolve().is_relative_to(a.input.resolve()):
+            p.error(f"--output {a.output} is inside --input {a.input}; choose a folder outside the raw data")
+    if a.workers < 1:
+        p.error("--workers must be >= 1")
+    if not 0 <= a.test_fraction < 1:
+        p.error("--test-fraction must be in [0, 1)")
+    if a.demo_cases < 4:
+        p.error("--demo-cases must be >= 4")
+    if min(a.demo_shape) < 32:
+        p.error("--demo-shape sides must be >= 32")
+    return a
+
+
+def main(argv=None):
+    a = get_args(argv)
+    if a.demo is not None and not (a.input / "dataset.json").exists():
+        make_demo(a.input, a.demo_cases, a.seed, a.quiet, a.demo_shape)
+    _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
