@@ -14,7 +14,8 @@ augmentation draw come from numpy's default_rng([seed, k]). The training scripts
 rank r of W at step s the numbers k = (s * W + r) * batch + b (StepSampler), so ranks
 and workers never draw the same augmentation, a rerun gives the same samples, and
 resume continues at the next step without replaying a batch, whatever the number of
-DataLoader workers.
+DataLoader workers. StepSampler is the distributed sampler: torch's DistributedSampler
+would hand out the same indices 0..n-1 every epoch and so repeat every augmentation.
 
 Augmentation presets (REFERENCE.md section 2; probabilities per sample):
   none     crop only (plain MAE)

@@ -476,7 +476,7 @@ def make_demo(root, n_cases=32, seed=0, quiet=False, shape=(72, 84, 72)):
 # -----------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Examples:\n  python preprocess.py --input /data/OASIS3 --output data/oasis\n"
                                        "  python preprocess.py --input /data/Dataset501_WMH --output data/wmh\n"
                                        "  python preprocess.py --demo demo")
