@@ -54,19 +54,15 @@ def bench_data(a):
         for w in a.workers:
             if w < 2:
                 continue
-            start = [0]
+            steps = max(1, n * w // a.batch)  # n samples per worker, fresh sample numbers each run
+            start = iter(range(0, 10 ** 9, steps))
 
             def loader():
-                sampler = data.StepSampler(start[0], n * w // a.batch or 1, a.batch)
-                start[0] += n * w // a.batch or 1
-                dl = torch.utils.data.DataLoader(ds, batch_size=a.batch, sampler=sampler, num_workers=w,
-                                                 persistent_workers=False)
-                for _ in dl:
+                sampler = data.StepSampler(next(start), steps, a.batch)
+                for _ in torch.utils.data.DataLoader(ds, batch_size=a.batch, sampler=sampler, num_workers=w):
                     pass
-                return len(sampler)
             times = timed(loader, a.repeats)
-            count = (n * w // a.batch or 1) * a.batch
-            report(rows, f"data/{preset}/{w} workers", "samples/s", [count / t for t in times])
+            report(rows, f"data/{preset}/{w} workers", "samples/s", [steps * a.batch / t for t in times])
     x = torch.rand(a.batch, 1, a.patch, a.patch, a.patch)
     report(rows, f"mask/batch {a.batch}", "ms", [t * 1e3 for t in timed(lambda: data.random_mask(x), a.repeats)])
     return rows
