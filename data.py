@@ -133,19 +133,13 @@ def rotation_matrix(angles_deg):
     return rz @ ry @ rx
 
 
-def sample_patch(vol, centre, patch, params, rng, order="linear"):
-    """Read a patch of `vol` ((C, X, Y, Z) array, memory-mapped) around `centre` with the
-    spatial transform `params` applied; outside the volume = the volume minimum, which
-    is the background (0 after preprocessing). Returns a float32 tensor (C, *patch)."""
-    patch = tuple(patch)
-    half = np.array(patch) / 2
-    if not params:  # pure crop: integer box, padded
-        lo = np.floor(np.asarray(centre) - half).astype(int)
-        src = tuple(slice(max(a, 0), min(a + p, n)) for a, p, n in zip(lo, patch, vol.shape[1:]))
-        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
-        out = np.zeros((vol.shape[0], *patch), np.float32)
-        out[(slice(None),) + dst] = vol[(slice(None),) + src]
-        return torch.from_numpy(out)
+def patch_grid(centre, patch, params, rng):
+    """Where in the volume each voxel of the output patch comes from: voxel coordinates
+    (3, *patch) with rotation, scaling and the elastic field composed, or None when
+    no spatial row fired (a plain crop). Computed once per sample, so an image and
+    its label share it."""
+    if not params:
+        return None
     # voxel offsets of the output grid from its centre: (3, P, P, P)
     g = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch], indexing="ij"))
     m = np.eye(3)
@@ -156,7 +150,21 @@ def sample_patch(vol, centre, patch, params, rng, order="linear"):
     coords = torch.einsum("ij,j...->i...", torch.from_numpy(m).float(), g)
     if "elastic" in params:
         coords = coords + elastic_field(rng, patch, *params["elastic"])
-    coords = coords + torch.tensor(np.asarray(centre) - 0.5, dtype=torch.float32).view(3, 1, 1, 1)
+    return coords + torch.tensor(np.asarray(centre) - 0.5, dtype=torch.float32).view(3, 1, 1, 1)
+
+
+def read_patch(vol, centre, patch, coords, order="linear"):
+    """A patch of `vol` ((C, X, Y, Z) array, memory-mapped): the integer box around
+    `centre` when coords is None, else `vol` resampled at `coords` (patch_grid).
+    Outside the volume = the volume minimum, which is the background (0 after
+    preprocessing). Returns a float32 tensor (C, *patch)."""
+    if coords is None:  # pure crop: integer box, padded
+        lo = np.floor(np.asarray(centre) - np.array(patch) / 2).astype(int)
+        src = tuple(slice(max(a, 0), min(a + p, n)) for a, p, n in zip(lo, patch, vol.shape[1:]))
+        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
+        out = np.zeros((vol.shape[0], *patch), np.float32)
+        out[(slice(None),) + dst] = vol[(slice(None),) + src]
+        return torch.from_numpy(out)
     # read only the box the grid touches
     lo = [max(int(math.floor(coords[i].min())) - 1, 0) for i in range(3)]
     hi = [min(int(math.ceil(coords[i].max())) + 2, n) for i, n in enumerate(vol.shape[1:])]
@@ -171,6 +179,12 @@ def sample_patch(vol, centre, patch, params, rng, order="linear"):
     out = F.grid_sample((box - vmin)[None], grid, mode="bilinear" if order == "linear" else "nearest",
                         padding_mode="zeros", align_corners=True)[0]
     return out + vmin
+
+
+def sample_patch(vol, centre, patch, params, rng, order="linear"):
+    """read_patch at the grid of the spatial transform `params` (spatial_params)."""
+    patch = tuple(patch)
+    return read_patch(vol, centre, patch, patch_grid(centre, patch, params, rng), order)
 
 
 # -----------------------------------------------------------------------------
@@ -272,10 +286,11 @@ INTENSITY = [  # (name, probability, function), applied in this order
 def intensity_augment(x, rng):
     """The intensity rows of `all`, in order, each clipped to its input's range."""
     fired = {}
+    x = x.clone()  # once: the functions may work in place, the caller's tensor (the target) may not change
     for name, p, fn in INTENSITY:
         if rng.random() < p:
             lo, hi = x.min(), x.max()
-            x, fired[name] = fn(x.clone(), rng)
+            x, fired[name] = fn(x, rng)
             x = x.clamp(lo, hi)
     return x, fired
 
@@ -369,11 +384,9 @@ class SegDataset(_Base):
         else:
             centre = random_centre(rng, vol.shape[1:], self.patch)
         params = spatial_params(rng, self.preset)
-        # the same grid for both: the elastic field is drawn once from a copied rng state
-        state = rng.bit_generator.state
-        img = sample_patch(vol, centre, self.patch, params, rng)
-        rng.bit_generator.state = state
-        seg = sample_patch(lab[None], centre, self.patch, params, rng, order="nearest")[0]
+        coords = patch_grid(centre, self.patch, params, rng)  # one grid for image and label
+        img = read_patch(vol, centre, self.patch, coords)
+        seg = read_patch(lab[None], centre, self.patch, coords, order="nearest")[0]
         fired = {}
         if self.preset == "all":
             img, fired = intensity_augment(img, rng)

@@ -178,8 +178,10 @@ def label_values(dataset_json):
         return None
     vals = set()
     for k, v in labels.items():
-        for x in (v if isinstance(v, (list, tuple)) else [v]) if not str(k).isdigit() else [k]:
-            vals.add(int(x))
+        if str(k).isdigit():  # v1: {"0": "background"}
+            vals.add(int(k))
+        else:  # v2: {"background": 0}, or a region given as a list of values
+            vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
     return sorted(vals)
 
 
@@ -235,24 +237,28 @@ def find_unlabelled(root):
     return cases, failed
 
 
+def inputs(c):
+    """Every file a case reads: its channels, then its label if any."""
+    return c["files"] + ([c["label"]] if c["label"] else [])
+
+
 def fingerprint(c):
-    return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in c["files"] + ([c["label"]] if c["label"] else [])]
+    return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in inputs(c)]
 
 
-def is_done(out, c):
-    """Done = a meta file that parses, matches the inputs' size and mtime, and whose
-    arrays exist with the recorded shape (np.load reads only the header)."""
+def done_meta(out, c):
+    """The case's meta if it is done, else None. Done = a meta file that parses,
+    matches the inputs' size and mtime, and whose arrays exist with the recorded shape
+    (np.load reads only the header)."""
     try:
         meta = json.loads((out / "meta" / f"{c['case']}.json").read_text())
-        if meta["fingerprint"] != fingerprint(c):
-            return False
-        if tuple(np.load(out / "images" / f"{c['case']}.npy", mmap_mode="r").shape) != tuple(meta["shape"]):
-            return False
-        if c["label"] and tuple(np.load(out / "labels" / f"{c['case']}.npy", mmap_mode="r").shape) != tuple(meta["shape"][1:]):
-            return False
-        return True
+        ok = (meta["fingerprint"] == fingerprint(c)
+              and tuple(np.load(out / "images" / f"{c['case']}.npy", mmap_mode="r").shape) == tuple(meta["shape"])
+              and (not c["label"] or tuple(np.load(out / "labels" / f"{c['case']}.npy", mmap_mode="r").shape)
+                   == tuple(meta["shape"][1:])))
+        return meta if ok else None
     except Exception:
-        return False
+        return None
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +267,7 @@ def is_done(out, c):
 def process_case(c, out, allowed_labels):
     name = c["case"]
     channels, affine = [], None
-    for i, f in enumerate(c["files"]):
+    for f in c["files"]:
         data, aff = read_nifti(f)
         if "volume" in c:
             data = data[..., c["volume"]]
@@ -347,11 +353,10 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
         (out / d).mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*/.*.tmp"):  # what a killed run left behind
         stale.unlink()
-    todo = [c for c in cases if overwrite or not is_done(out, c)]
-    skipped = len(cases) - len(todo)
-    done, metas = 0, {}
+    metas = {} if overwrite else {c["case"]: m for c in cases if (m := done_meta(out, c))}
+    todo = [c for c in cases if c["case"] not in metas]
+    skipped = len(metas)
     bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=quiet or not todo)
-    say = bar.write if not quiet else (lambda s: None)
     for f in failed:
         print(f"FAILED {f['case']}: {f['reason']}", file=sys.stderr)
     if workers > 1 and len(todo) > 1:
@@ -363,21 +368,16 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     for name, meta, err in results:
         bar.update(1)
         if err:
-            failed.append({"case": name, "files": by_name[name]["files"] + ([by_name[name]["label"]] if by_name[name]["label"] else []), "reason": err})
+            failed.append({"case": name, "files": inputs(by_name[name]), "reason": err})
             print(f"FAILED {name}: {err}", file=sys.stderr)
         else:
-            done += 1
+            metas[name] = meta
     bar.close()
     if pool:
         pool.shutdown()
-    failed_names = {f["case"] for f in failed}
-    entries = []
-    for c in cases:
-        if c["case"] in failed_names:
-            continue
-        meta = json.loads((out / "meta" / f"{c['case']}.json").read_text())
-        entries.append({"case": c["case"], "split": c["split"], "shape": meta["shape"],
-                        "label_counts": meta["label_counts"]})
+    done = len(metas) - skipped
+    entries = [{"case": c["case"], "split": c["split"], "shape": metas[c["case"]]["shape"],
+                "label_counts": metas[c["case"]]["label_counts"]} for c in cases if c["case"] in metas]
     channels = ds_meta.get("channel_names", ds_meta.get("modality")) or {"0": "MRI"}
     summary = {"name": ds_meta.get("name", inp.name), "source": str(inp), "labelled": labelled,
                "channels": channels, "n_channels": len(channels) if labelled else 1,
@@ -388,7 +388,7 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     save_json(out / "dataset.json", summary)
     save_json(out / "failed.json", failed)
     if not quiet:
-        say(f"preprocess: {done} done, {skipped} skipped (already done), {len(failed)} failed "
+        print(f"preprocess: {done} done, {skipped} skipped (already done), {len(failed)} failed "
             f"in {time.time() - t0:.1f} s -> {out}" + (f"  (see {out / 'failed.json'})" if failed else ""))
     return done, skipped, failed
 
