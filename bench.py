@@ -1,24 +1,39 @@
 """
-Throughput of the data pipeline (more benchmarks join here as the stages land).
+Throughput and memory of the networks, the data pipeline and whole training steps.
 
+    python bench.py models --arch unet_b unet_xl --patch 128 --batch 8 --dtype bf16 --device cuda
     python preprocess.py --demo big --demo-cases 8 --demo-shape 160 192 160
     python bench.py data --data big/preprocessed --patch 128 --workers 1 2
+    python bench.py train --arch unet_b --data big/preprocessed --patch 128 --batch 8 --dtype bf16
 
 Prints one JSON line per measurement, then a table. Each figure is the median of
---repeats timed runs (after one warm-up run) with the spread (min..max).
-  data: samples/s of PretrainDataset per preset in one process (= per CPU core, with
-        torch and SimpleITK held to one thread), with N DataLoader worker processes, and
-        the cost of random_mask on a batch.
+--repeats timed runs (after a warm-up run, never counted) with the spread (min..max).
+  models: forward + backward of every arch in pretraining and segmentation form on a
+          random batch: ms per step, samples/s, peak memory (CUDA), and achieved
+          TFLOP/s (FLOPs counted once with torch.utils.flop_counter.FlopCounterMode).
+  data:   samples/s of PretrainDataset per preset in one process (= per CPU core, with
+          torch and SimpleITK held to one thread), with N DataLoader worker processes,
+          and the cost of random_mask on a batch.
+  train:  pretrain.py itself, run as a subprocess for --steps steps: samples/s,
+          data-wait share and peak memory from its log.jsonl, one log interval per
+          repeat, the first interval (start-up, compilation) left out.
 """
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
+from models import ARCHS, build_model
 
 
 def timed(fn, repeats):
@@ -31,12 +46,73 @@ def timed(fn, repeats):
     return out
 
 
-def report(rows, name, unit, values):
+def report(rows, name, unit, values, **extra):
     med = statistics.median(values)
     row = {"bench": name, "unit": unit, "median": round(med, 3), "min": round(min(values), 3),
-           "max": round(max(values), 3), "repeats": len(values)}
+           "max": round(max(values), 3), "repeats": len(values), **extra}
     print(json.dumps(row), flush=True)
     rows.append(row)
+
+
+def bench_models(a):
+    device = torch.device(a.device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.dtype]
+    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    rows = []
+    for arch in a.arch:
+        for mode in a.modes:
+            big = ARCHS[arch]["family"] in ("swin", "resenc")
+            if a.patch < (64 if big else 32) or a.patch % (32 if big else 16):
+                print(json.dumps({"bench": f"models/{arch}/{mode}", "skipped": f"needs a patch multiple of {32 if big else 16}, "
+                                  f"at least {64 if big else 32}"}), flush=True)
+                continue
+            model = build_model(arch, 1, None if mode == "pretrain" else 2, mode=mode, checkpointing=a.checkpointing).to(device)
+            x = torch.rand(a.batch, 1, a.patch, a.patch, a.patch, device=device)
+
+            def step():
+                with autocast:
+                    out = model(x)
+                sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            with FlopCounterMode(display=False) as fc:
+                step()
+            flops = fc.get_total_flops()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = timed(step, a.repeats)
+            peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None
+            med = statistics.median(times)
+            report(rows, f"models/{arch}/{mode}", "ms/step", [t * 1e3 for t in times],
+                   samples_per_s=round(a.batch / med, 2), peak_gb=peak, tflop_per_sample=round(flops / a.batch / 1e12, 3),
+                   tflops=round(flops / med / 1e12, 2), patch=a.patch, batch=a.batch, dtype=a.dtype, device=device.type)
+            del model, x
+    return rows
+
+
+def bench_train(a):
+    """pretrain.py as a user runs it; figures from its log.jsonl."""
+    rows = []
+    for arch in a.arch:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(Path(__file__).with_name("pretrain.py")), "--arch", arch, "--data", a.data,
+                   "--out", tmp + "/run", "--patch", str(a.patch), "--batch", str(a.batch), "--dtype", a.dtype,
+                   "--device", a.device, "--steps", str(a.steps), "--log-every", str(a.log_every), "--quiet",
+                   "--method", a.method] + (["--workers", str(a.workers)] if a.workers is not None else []) + \
+                  (["--compile"] if a.compile else [])
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise ValueError(f"pretrain.py failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+            log = [json.loads(ln) for ln in Path(tmp, "run", "log.jsonl").read_text().splitlines()]
+        steps = [x for x in log if "samples_per_s" in x][1:]  # the first interval holds the start-up
+        if not steps:
+            raise ValueError("too few log intervals: raise --steps or lower --log-every")
+        peak = max((x["peak_gb"] for x in steps if x["peak_gb"] is not None), default=None)
+        report(rows, f"train/{arch}/{a.method}", "samples/s", [x["samples_per_s"] for x in steps],
+               data_wait=round(statistics.median(x["data_wait"] for x in steps), 4), peak_gb=peak,
+               patch=a.patch, batch=a.batch, dtype=a.dtype, device=a.device)
+    return rows
 
 
 def bench_data(a):
@@ -69,8 +145,30 @@ def bench_data(a):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, text in (("models", "forward + backward of each arch: ms/step, samples/s, peak memory, TFLOP/s"),
+                       ("train", "whole pretrain.py steps (data + model): samples/s, data-wait share, peak memory")):
+        m = sub.add_parser(name, help=text)
+        m.add_argument("--arch", nargs="+", default=list(ARCHS) if name == "models" else ["unet_b", "unet_xl"],
+                       choices=list(ARCHS), help="architectures (default: all for models, unet_b unet_xl for train)")
+        m.add_argument("--patch", type=int, default=128, help="patch side (default 128)")
+        m.add_argument("--batch", type=int, default=8, help="batch (default 8)")
+        m.add_argument("--dtype", default="bf16" if auto_device == "cuda" else "fp32", choices=("bf16", "fp16", "fp32"),
+                       help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
+        m.add_argument("--device", default=auto_device, choices=("cuda", "cpu"), help=f"default {auto_device}")
+        if name == "models":
+            m.add_argument("--modes", nargs="+", default=["pretrain", "seg"], choices=("pretrain", "seg"), help="forms (default both)")
+            m.add_argument("--checkpointing", action="store_true", help="with activation checkpointing")
+            m.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
+        else:
+            m.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
+            m.add_argument("--method", default="amaes", choices=("amaes", "mae", "swin_ssl"), help="pretraining method (default amaes)")
+            m.add_argument("--steps", type=int, default=40, help="steps of the run (default 40)")
+            m.add_argument("--log-every", type=int, default=10, help="steps per timed interval (default 10)")
+            m.add_argument("--workers", type=int, help="DataLoader workers (default: pretrain.py's)")
+            m.add_argument("--compile", action="store_true", help="torch.compile the model")
     d = sub.add_parser("data", help="data pipeline: samples/s per preset and worker count, masking cost")
     d.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
     d.add_argument("--patch", type=int, default=128, help="patch side (default 128)")
@@ -80,21 +178,26 @@ def get_args(argv=None):
     d.add_argument("--samples", type=int, default=16, help="samples per timed run and per worker (default 16)")
     d.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
     a = p.parse_args(argv)
-    if a.patch < 16 or a.batch < 1 or a.samples < 1 or a.repeats < 1 or min(a.workers) < 1:
-        p.error("--patch >= 16, --batch, --samples, --repeats, --workers >= 1")
+    if a.patch < 16 or a.batch < 1 or getattr(a, "repeats", 1) < 1 or getattr(a, "steps", 1) < 1:
+        p.error("--patch >= 16; --batch, --repeats, --steps >= 1")
+    if a.what == "data" and (a.samples < 1 or min(a.workers) < 1):
+        p.error("--samples and --workers >= 1")
+    if a.what != "data" and a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
     return a
 
 
 def main(argv=None):
     a = get_args(argv)
     try:
-        rows = bench_data(a)
+        rows = {"models": bench_models, "data": bench_data, "train": bench_train}[a.what](a)
     except (FileNotFoundError, ValueError) as e:
         print(f"bench.py: {e}", file=sys.stderr)
         return 2
-    print(f"\n{'benchmark':32s} {'median':>10s} {'min..max':>18s}  unit")
+    print(f"\n{'benchmark':32s} {'median':>10s} {'min..max':>18s}  {'unit':10s} other")
     for r in rows:
-        print(f"{r['bench']:32s} {r['median']:10.2f} {r['min']:8.2f}..{r['max']:<8.2f}  {r['unit']}")
+        other = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("samples_per_s", "tflops", "peak_gb", "data_wait") and v is not None)
+        print(f"{r['bench']:32s} {r['median']:10.2f} {r['min']:8.2f}..{r['max']:<8.2f}  {r['unit']:10s} {other}")
     return 0
 
 

@@ -66,7 +66,8 @@ def get_args(argv=None):
     p.add_argument("--method", default="amaes", choices=METHODS, help="amaes (default), mae, or swin_ssl (swinunetr only)")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (preprocess.py output; default demo/preprocessed)")
     p.add_argument("--out", default="runs/pretrain", help="run folder (default runs/pretrain)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt with its saved settings")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt with its saved settings; "
+                   "start it when --out has no ckpt.pt yet (so a rerun of the same command picks up where it stopped)")
     p.add_argument("--init", metavar="CKPT", help="start from another run's weights (ckpt.pt or encoder.pt): tensors that match "
                    "by name and shape load, the rest are listed and keep their fresh initialisation")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
@@ -225,9 +226,7 @@ def train(a):
 
     # -- resume or fresh start ------------------------------------------------
     ck = None
-    if a.resume:
-        if not (out / "ckpt.pt").exists():
-            raise FileNotFoundError(f"--resume: {out / 'ckpt.pt'} does not exist; start the run without --resume")
+    if a.resume and (out / "ckpt.pt").exists():
         ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
         saved = ck["args"]
         ignored = [k for k in a.given if k not in RUNTIME_FLAGS and saved.get(k) != getattr(a, k)]
@@ -241,6 +240,8 @@ def train(a):
                              "resume with the same --nproc_per_node so the sample order continues exactly")
     elif (out / "ckpt.pt").exists():
         raise FileExistsError(f"{out} already holds a run (ckpt.pt); pass --resume to continue it or choose another --out")
+    elif a.resume:
+        say(f"--resume: {out} has no checkpoint yet; starting the run")
 
     # -- data ---------------------------------------------------------------
     ds_json = data.read_dataset(a.data)

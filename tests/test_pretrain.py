@@ -165,5 +165,3 @@ def test_bad_data_folder(tmp_path, capsys):
     assert pretrain.main(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "no dataset.json" in err and "Traceback" not in err
-    assert pretrain.main(["--resume", "--out", str(tmp_path / "nothing")]) == 2
-    assert "--resume" in capsys.readouterr().err

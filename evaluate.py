@@ -1,0 +1,346 @@
+"""
+Sliding-window inference, metrics in native space, and predictions as NIfTI.
+
+    python evaluate.py --run FT --data OUT --out FT/eval [--split test]
+    python evaluate.py --run FT --images NEW_SCANS --out FT/new      # raw NIfTI, never preprocessed
+
+For each case: sliding-window inference over the whole preprocessed volume with the
+run's patch (overlap 0.5; logits summed over windows, as in the paper, or weighted by
+a Gaussian with --blend gaussian; --tta adds the 7 mirrored passes), argmax, then the
+label map goes back to the raw image's grid through the sidecar written by
+preprocess.py (un-crop, resample, reorient: preprocess.to_native), and is written as
+OUT/predictions/<case>.nii.gz with the raw image's shape and affine.
+
+Metrics per case and foreground label, on the native grid against the raw label file
+(spacing from its header): Dice, Jaccard, sensitivity, precision, HD95 in mm (95th
+percentile of the surface distances in both directions, pooled) and absolute volume
+difference (% of the reference volume). A label absent from both reference and
+prediction has no Dice (NaN): such cases are left out of the averages (nanmean), as in
+the paper, and the table says how many were. OUT/metrics.json holds every value and
+the mean / std / median per label; OUT/metrics.csv one row per case and label.
+
+--images DIR: every *.nii(.gz) in DIR is a case (nnU-Net names <case>_0000.nii.gz,
+<case>_0001.nii.gz ... are grouped into the channels of one case), preprocessed on the
+fly with preprocess.py's recipe; only predictions are written.
+"""
+import argparse
+import csv
+import gzip
+import itertools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
+
+import preprocess  # the geometry both ways (recipe and to_native) lives there, once
+from models import build_model
+
+METRICS = ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percent")
+
+
+# -----------------------------------------------------------------------------
+# Inference
+
+def autocast_for(device, dtype="auto"):
+    """The autocast context for --dtype on `device`: bf16 where the GPU has it, else
+    fp16; fp32 (no autocast) on the CPU unless bf16 is asked for."""
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if dtype == "fp16" and device.type != "cuda":
+        raise ValueError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
+    return dtype, torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+
+def window_starts(size, patch, overlap):
+    """Start offsets along one axis: windows of `patch` with at least `overlap` shared,
+    spread evenly, the first at 0 and the last flush with the end."""
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
+    return sorted({round(i * (size - patch) / (n - 1)) for i in range(n)})
+
+
+def gaussian_weight(patch, device):
+    """nnU-Net-style importance map: a Gaussian with sigma = patch / 8, peak 1."""
+    axes = [torch.exp(-0.5 * ((torch.arange(p, device=device) - (p - 1) / 2) / (p / 8)) ** 2) for p in patch]
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return (w / w.max()).clamp(min=1e-3)
+
+
+@torch.no_grad()
+def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None):
+    """Logits (K, X, Y, Z) for a whole volume image (C, X, Y, Z) (a tensor on the
+    model's device). Window logits are summed ("sum", the paper) or Gaussian-weighted,
+    then divided by the summed weights; a volume smaller than the patch is padded with
+    0 (background) and cropped back. tta: the mean over the 8 mirror images."""
+    autocast = autocast or torch.autocast("cpu", enabled=False)
+    patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
+    size = image.shape[1:]
+    pad = [max(0, p - s) for p, s in zip(patch, size)]
+    x = F.pad(image, [v for p in reversed(pad) for v in (0, p)])  # (C, X', Y', Z')
+    grid = [window_starts(s, p, overlap) for s, p in zip(x.shape[1:], patch)]
+    starts = [(i, j, k) for i in grid[0] for j in grid[1] for k in grid[2]]
+    w = gaussian_weight(patch, x.device) if blend == "gaussian" else torch.ones(patch, device=x.device)
+    flips = [d for r in range(4) for d in itertools.combinations((2, 3, 4), r)] if tta else [()]
+    out = norm = None
+    for b in range(0, len(starts), batch):
+        chunk = starts[b:b + batch]
+        xb = torch.stack([x[:, i:i + patch[0], j:j + patch[1], k:k + patch[2]] for i, j, k in chunk])  # (n, C, *P)
+        logits = 0
+        for dims in flips:
+            with autocast:
+                y = model(xb.flip(dims) if dims else xb)
+            logits = logits + (y.flip(dims) if dims else y).float()
+        logits = logits / len(flips)  # (n, K, *P)
+        if out is None:
+            out = torch.zeros((logits.shape[1], *x.shape[1:]), device=x.device)
+            norm = torch.zeros(x.shape[1:], device=x.device)
+        for (i, j, k), y in zip(chunk, logits):
+            sl = (slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
+            out[(slice(None),) + sl] += y * w
+            norm[sl] += w
+    out = out / norm
+    return out[:, :size[0], :size[1], :size[2]]
+
+
+def load_model(path, device="cpu"):
+    """A finetuned model from FT/best.pt or FT/ckpt.pt (weights_only), with its run
+    facts: {"arch", "in_channels", "label_values", "patch", "decoder", ...}."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; is --run a finetune.py run folder?")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(ck["arch"], ck["in_channels"], len(ck["label_values"]), decoder=ck.get("decoder"))
+        model.load_state_dict(ck["model"])
+    except Exception as e:
+        raise ValueError(f"{path} is not a finetune.py checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    return model.to(device).eval(), {k: v for k, v in ck.items() if k not in ("model", "optimizer", "scaler", "rng")}
+
+
+def predict(model, image, info, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None):
+    """Label map (X, Y, Z) uint8 with the dataset's label values, for a preprocessed
+    image (C, X, Y, Z) numpy array."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).to(device)
+    logits = sliding_window(model, x, info["patch"], overlap, blend, tta, batch, autocast)
+    values = torch.tensor(info["label_values"], dtype=torch.uint8, device=device)
+    return values[logits.argmax(0)].cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def surface(mask):
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred, ref, spacing):
+    """95th percentile of the distances (mm) from each surface voxel of one mask to the
+    nearest surface voxel of the other, both directions pooled. NaN if either is empty."""
+    if not pred.any() or not ref.any():
+        return float("nan")
+    sp, sr = surface(pred), surface(ref)
+    d_to_r = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
+    d_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
+    return float(np.percentile(np.concatenate([d_to_r, d_to_p]), 95))
+
+
+def label_metrics(pred, ref, spacing):
+    """pred, ref: boolean masks on one grid with voxel spacing (mm). NaN where a value is
+    undefined: Dice / Jaccard when both are empty, sensitivity and AVD when the
+    reference is empty, precision when the prediction is empty, HD95 when either is."""
+    tp = float(np.logical_and(pred, ref).sum())
+    p, r = float(pred.sum()), float(ref.sum())
+    nan = float("nan")
+    return {"dice": 2 * tp / (p + r) if p + r else nan,
+            "jaccard": tp / (p + r - tp) if p + r else nan,
+            "sensitivity": tp / r if r else nan,
+            "precision": tp / p if p else nan,
+            "hd95_mm": hd95(pred, ref, spacing),
+            "avd_percent": abs(p - r) / r * 100 if r else nan,
+            "ref_ml": r * float(np.prod(spacing)) / 1000, "pred_ml": p * float(np.prod(spacing)) / 1000}
+
+
+def case_metrics(pred, ref, spacing, label_values):
+    """{label value: metrics} for every foreground label."""
+    return {int(v): label_metrics(pred == v, ref == v, spacing) for v in label_values if v != 0}
+
+
+def summarise(rows, labels):
+    """Mean / std / median over cases per label and metric, NaNs left out (and counted)."""
+    out = {}
+    for v in labels:
+        out[str(v)] = {}
+        for m in METRICS:
+            vals = np.array([r["metrics"][str(v)][m] for r in rows if str(v) in r["metrics"]], dtype=float)
+            ok = vals[~np.isnan(vals)]
+            out[str(v)][m] = {"mean": float(ok.mean()) if len(ok) else None, "std": float(ok.std()) if len(ok) else None,
+                              "median": float(np.median(ok)) if len(ok) else None, "n": int(len(ok)),
+                              "nan_excluded": int(np.isnan(vals).sum())}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Cases
+
+def raw_cases(folder, in_channels):
+    """[(case, [channel files])] of a folder of raw NIfTI (see --images)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    groups = {}
+    for f in files:
+        m = re.fullmatch(r"(.+)_(\d{4})\.nii(\.gz)?", f.name)
+        case, ch = (m.group(1), int(m.group(2))) if m else (re.sub(r"\.nii(\.gz)?$", "", f.name), 0)
+        groups.setdefault(case, {})[ch] = f
+    out, bad = [], []
+    for case, g in sorted(groups.items()):
+        if sorted(g) != list(range(in_channels)):
+            bad.append((case, f"has channels {sorted(g)}, the model needs {list(range(in_channels))} "
+                              f"(name them {case}_0000.nii.gz ... {case}_{in_channels - 1:04d}.nii.gz)"))
+        else:
+            out.append((case, [str(g[c]) for c in range(in_channels)]))
+    return out, bad
+
+
+def preprocess_raw(files):
+    """(image (C, X, Y, Z), meta for to_native) of raw channel files, by preprocess.py's recipe."""
+    channels, affine = [], None
+    for f in files:
+        x, aff = preprocess.read_nifti(f)
+        if x.ndim == 4 and x.shape[3] == 1:
+            x = x[..., 0]
+        preprocess.check_volume(x, f)
+        if affine is not None and not preprocess.same_grid(channels[0].shape, affine, x.shape, aff):
+            raise preprocess.CaseError(f"{f}: its grid differs from {files[0]}; register the channels first")
+        affine = aff if affine is None else affine
+        channels.append(x)
+    image, _, meta = preprocess.preprocess_arrays(channels, affine)
+    image = image.astype(np.float16)  # the precision preprocess.py stores, so both routes predict alike
+    meta.update({"original_affine": affine.tolist(), "original_shape": list(channels[0].shape), "source_files": list(files)})
+    return image, meta
+
+
+def save_prediction(path, pred_native, meta):
+    """Write the label map with the raw image's affine (and its header's qform/sform)."""
+    ref = nib.load(meta["source_files"][0])
+    img = nib.Nifti1Image(pred_native.astype(np.uint8), ref.affine, ref.header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1, 0)
+    preprocess.write_atomic(path, lambda p: p.write_bytes(gzip.compress(img.to_bytes(), compresslevel=6)))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="finetune.py run folder (reads its best.pt or ckpt.pt)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="best validation Dice (default) or last weights")
+    p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
+    p.add_argument("--split", default="test", choices=("test", "train", "all"), help="cases to evaluate (default test)")
+    p.add_argument("--images", help="folder of raw NIfTI to segment instead of --data (predictions only)")
+    p.add_argument("--out", help="output folder (default RUN/eval, or RUN/predict with --images)")
+    p.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
+    p.add_argument("--blend", default="sum", choices=("sum", "gaussian"), help="sum logits (default, the paper) or Gaussian-weight them")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 mirror images")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="autocast (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if not 0 <= a.overlap < 1:
+        p.error("--overlap must be in [0, 1)")
+    if a.batch < 1:
+        p.error("--batch must be >= 1")
+    if a.images and not Path(a.images).is_dir():
+        p.error(f"--images {a.images}: no such folder")
+    a.out = Path(a.out or Path(a.run) / ("predict" if a.images else "eval"))
+    return a
+
+
+def print_table(summary):
+    print(f"\n{'label':8s} {'metric':12s} {'mean':>9s} {'std':>9s} {'median':>9s} {'n':>4s} {'NaN left out':>13s}")
+    for v, per in summary.items():
+        for m, s in per.items():
+            f = (lambda x: f"{x:9.4f}" if x is not None else f"{'-':>9s}")
+            print(f"{v:8s} {m:12s} {f(s['mean'])} {f(s['std'])} {f(s['median'])} {s['n']:4d} {s['nan_excluded']:13d}")
+    print("NaN: Dice/Jaccard of a label absent from both reference and prediction, HD95 when either is empty; "
+          "such cases are excluded from the mean (nanmean), as in the paper.")
+
+
+def main(argv=None):
+    a = get_args(argv)
+    try:
+        device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
+        run = Path(a.run)
+        path = run / ("best.pt" if a.checkpoint == "best" else "ckpt.pt")
+        model, info = load_model(path, device)
+        _, autocast = autocast_for(device, a.dtype)
+        if a.images:
+            cases, bad = raw_cases(a.images, info["in_channels"])
+        else:
+            if not Path(a.data, "dataset.json").exists():
+                raise FileNotFoundError(f"{a.data} is not a preprocessed dataset (no dataset.json); run preprocess.py first")
+            listed = json.loads(Path(a.data, "dataset.json").read_text())["cases"]
+            cases = [(c["case"], None) for c in listed if a.split == "all" or c["split"] == a.split]
+            bad = []
+        if not cases:
+            raise ValueError(f"no cases to evaluate ({'--images ' + a.images if a.images else '--split ' + a.split})")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    (a.out / "predictions").mkdir(parents=True, exist_ok=True)
+    print(f"{info['arch']} from {path} (step {info.get('step')}), {len(cases)} case(s), patch {info['patch']}, "
+          f"overlap {a.overlap}, blend {a.blend}{', tta' if a.tta else ''} -> {a.out}")
+    rows, failed = [], [{"case": c, "reason": r} for c, r in bad]
+    for c, r in bad:
+        print(f"FAILED {c}: {r}")
+    for case, files in tqdm(cases, desc="inference", unit="case", disable=a.quiet):
+        try:
+            if files is not None:  # --images: preprocess on the fly
+                image, meta = preprocess_raw(files)
+            else:
+                meta = json.loads(Path(a.data, "meta", f"{case}.json").read_text())
+                image = np.load(Path(a.data, "images", f"{case}.npy"))
+            pred = predict(model, image, info, a.overlap, a.blend, a.tta, a.batch, autocast)  # preprocessed grid
+            native = preprocess.to_native(pred, meta, "nearest").round().astype(np.uint8)
+            save_prediction(a.out / "predictions" / f"{case}.nii.gz", native, meta)
+            if files is None and meta.get("source_label"):
+                ref, _ = preprocess.read_nifti(meta["source_label"])
+                ref = np.rint(ref[..., 0] if ref.ndim == 4 else ref).astype(np.int64)
+                m = case_metrics(native, ref, meta["original_spacing"], info["label_values"])
+                rows.append({"case": case, "metrics": {str(k): v for k, v in m.items()}})
+        except (preprocess.CaseError, OSError, ValueError) as e:
+            failed.append({"case": case, "reason": str(e)})
+            print(f"FAILED {case}: {e}")
+    result = {"run": str(run), "checkpoint": str(path), "split": None if a.images else a.split, "cases": rows, "failed": failed,
+              "settings": {"overlap": a.overlap, "blend": a.blend, "tta": a.tta},
+              "nan_rule": "Dice/Jaccard NaN when a label is absent from reference and prediction; excluded with nanmean"}
+    if rows:
+        result["summary"] = summarise(rows, [v for v in info["label_values"] if v != 0])
+        preprocess.save_json(a.out / "metrics.json", result)
+
+        def write_csv(p):
+            with open(p, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["case", "label", *METRICS, "ref_ml", "pred_ml"])
+                for r in rows:
+                    for v, m in r["metrics"].items():
+                        w.writerow([r["case"], v, *[m[k] for k in METRICS], m["ref_ml"], m["pred_ml"]])
+        preprocess.write_atomic(a.out / "metrics.csv", write_csv)
+        print_table(result["summary"])
+        print(f"\n{a.out / 'metrics.json'}, {a.out / 'metrics.csv'}, predictions in {a.out / 'predictions'}")
+    else:
+        preprocess.save_json(a.out / "failed.json", failed)
+        print(f"predictions in {a.out / 'predictions'}" + ("" if a.images else " (no reference labels: no metrics)"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

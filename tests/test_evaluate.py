@@ -1,0 +1,98 @@
+"""evaluate.py: metrics against hand-computed values, sliding-window exactness."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from evaluate import label_metrics, sliding_window, window_starts
+
+
+def test_dice_and_friends_by_hand():
+    ref = np.zeros((10, 10, 10), bool)
+    ref[2:6, 2:6, 2:6] = True  # 64 voxels
+    pred = np.roll(ref, 1, axis=0)  # overlap 3 x 4 x 4 = 48
+    m = label_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert m["dice"] == pytest.approx(2 * 48 / 128)
+    assert m["jaccard"] == pytest.approx(48 / 80)
+    assert m["sensitivity"] == pytest.approx(48 / 64) and m["precision"] == pytest.approx(48 / 64)
+    assert m["avd_percent"] == 0
+    grown = ref.copy()
+    grown[6, 2:6, 2:6] = True  # 80 voxels, all 64 reference voxels found
+    m = label_metrics(grown, ref, (2.0, 1.0, 1.0))
+    assert m["sensitivity"] == 1 and m["precision"] == pytest.approx(64 / 80)
+    assert m["avd_percent"] == pytest.approx(25) and m["ref_ml"] == pytest.approx(64 * 2 / 1000)
+
+
+def test_empty_cases_are_nan_where_undefined():
+    empty = np.zeros((8, 8, 8), bool)
+    m = label_metrics(empty, empty, (1, 1, 1))
+    assert all(math.isnan(m[k]) for k in ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percent"))
+    one = empty.copy()
+    one[3, 3, 3] = True
+    m = label_metrics(empty, one, (1, 1, 1))  # missed lesion
+    assert m["dice"] == 0 and m["sensitivity"] == 0 and math.isnan(m["precision"]) and math.isnan(m["hd95_mm"])
+    m = label_metrics(one, empty, (1, 1, 1))  # false positive only
+    assert m["dice"] == 0 and math.isnan(m["sensitivity"]) and m["precision"] == 0
+
+
+def test_hd95_in_mm_with_anisotropic_spacing():
+    ref = np.zeros((30, 12, 12), bool)
+    ref[2:22, 5, 5] = True  # a line of 20 voxels
+    pred = np.roll(ref, 1, axis=1)  # the same line one voxel over along y
+    assert evaluate.hd95(pred, ref, (1.0, 3.0, 1.0)) == pytest.approx(3.0)
+    assert evaluate.hd95(pred, ref, (1.0, 0.5, 1.0)) == pytest.approx(0.5)
+    a = np.zeros((12, 12, 12), bool)
+    b = a.copy()
+    a[2, 2, 2], b[5, 2, 2] = True, True
+    assert evaluate.hd95(a, b, (2.0, 1.0, 1.0)) == pytest.approx(6.0)
+    assert evaluate.hd95(ref, ref, (1, 1, 1)) == 0
+
+
+def test_summary_uses_nanmean_and_counts():
+    rows = [{"case": c, "metrics": {"1": dict.fromkeys(evaluate.METRICS, v)}} for c, v in (("a", 0.5), ("b", float("nan")), ("c", 1.0))]
+    s = evaluate.summarise(rows, [1])["1"]["dice"]
+    assert s["mean"] == pytest.approx(0.75) and s["n"] == 2 and s["nan_excluded"] == 1 and s["median"] == pytest.approx(0.75)
+
+
+def test_window_starts_cover_with_overlap():
+    for size, patch in ((100, 32), (64, 32), (33, 32), (20, 32), (128, 128)):
+        s = window_starts(size, patch, 0.5)
+        assert s[0] == 0 and s[-1] == max(0, size - patch)
+        assert all(b - a <= patch // 2 for a, b in zip(s, s[1:]))
+
+
+def test_sliding_window_equals_one_forward_when_the_window_covers_the_volume():
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("unet_b", 1, 3).eval()
+    x = torch.rand(1, 32, 32, 32)
+    with torch.no_grad():
+        full = model(x[None])[0]
+    assert torch.equal(sliding_window(model, x, 32), full)
+    # a smaller volume is padded with background, then cropped back
+    small = x[:, :20]
+    with torch.no_grad():
+        ref = model(torch.nn.functional.pad(small, (0, 0, 0, 0, 0, 12))[None])[0, :, :20]
+    assert torch.equal(sliding_window(model, small, 32), ref)
+
+
+@pytest.mark.parametrize("blend, tta", [("sum", False), ("gaussian", False), ("sum", True)])
+def test_stitching_is_exact_for_a_pointwise_model(blend, tta):
+    """A 1x1x1 convolution gives the same logits wherever the window lies, so any
+    overlap, blending or mirroring must reproduce the whole-volume output."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 3, 1)
+    x = torch.rand(2, 45, 38, 70)
+    got = sliding_window(conv, x, (16, 16, 32), 0.5, blend, tta, batch=3)
+    with torch.no_grad():
+        assert torch.allclose(got, conv(x[None])[0], atol=1e-5)
+
+
+def test_predict_maps_classes_to_label_values():
+    conv = torch.nn.Conv3d(1, 3, 1)
+    with torch.no_grad():
+        conv.weight.zero_(), conv.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    pred = evaluate.predict(conv, np.zeros((1, 16, 16, 16), np.float32), {"patch": 16, "label_values": [0, 1, 4]})
+    assert pred.dtype == np.uint8 and (pred == 4).all()
