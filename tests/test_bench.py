@@ -1,0 +1,28 @@
+"""bench.py models / train: rows as documented, FLOPs against REFERENCE.md section 7."""
+import json
+
+import pytest
+
+import bench
+
+
+def rows(out):
+    return [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+
+
+def test_models_flops_match_the_reference(capsys):
+    assert bench.main(["models", "--arch", "unet_b", "swinunetr", "--patch", "32", "--batch", "1", "--repeats", "1",
+                       "--device", "cpu", "--dtype", "fp32"]) == 0
+    got = {r["bench"]: r for r in rows(capsys.readouterr().out)}
+    # REFERENCE.md: 1.55 / 2.85 TFLOP per 128^3 sample, forward + backward; FLOPs scale with voxels (1/64 at 32^3)
+    assert got["models/unet_b/pretrain"]["tflop_per_sample"] == pytest.approx(1.55 / 64, rel=0.03)
+    assert got["models/unet_b/seg"]["tflop_per_sample"] == pytest.approx(2.85 / 64, rel=0.03)
+    assert "skipped" in got["models/swinunetr/seg"]  # needs 64^3
+    assert got["models/unet_b/seg"]["samples_per_s"] > 0 and got["models/unet_b/seg"]["repeats"] == 1
+
+
+def test_train_reads_pretrain_logs(demo, capsys):
+    assert bench.main(["train", "--arch", "unet_b", "--data", str(demo / "preprocessed"), "--patch", "32", "--batch", "1",
+                       "--steps", "4", "--log-every", "2", "--workers", "0", "--device", "cpu", "--dtype", "fp32"]) == 0
+    (r,) = rows(capsys.readouterr().out)
+    assert r["bench"] == "train/unet_b/amaes" and r["repeats"] == 1 and 0 <= r["data_wait"] <= 1 and r["median"] > 0
