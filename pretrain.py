@@ -395,7 +395,7 @@ def train(a):
             bar.set_postfix(loss=f"{lv:.4f}", samples_s=f"{a.batch * world / step_time:.1f}")
         if step % a.log_every == 0 or step == total:
             loss_sum, n = all_sum(win["loss"], win["n"])
-            row = {"step": step, "epoch": epoch, "loss": loss_sum / max(n, 1), "lr": lr,
+            row = {"step": step, "epoch": epoch, "loss": loss_sum / n if n else None, "lr": lr,
                    "samples_per_s": round(a.batch * world * win["steps"] / win["time"], 2),
                    "data_wait": round(win["wait"] / win["time"], 4),
                    "peak_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if cuda else None}

@@ -165,3 +165,22 @@ def test_bad_data_folder(tmp_path, capsys):
     assert pretrain.main(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "no dataset.json" in err and "Traceback" not in err
+
+
+def test_non_finite_losses_skip_then_stop(demo, tmp_path, monkeypatch, capsys):
+    real = pretrain.compute_loss
+    calls = []
+
+    def nan_from_step_2(model, inp, target, a, key, autocast):
+        loss, parts, out = real(model, inp, target, a, key, autocast)
+        calls.append(key)
+        return (loss * float("nan") if key[1] >= 2 else loss), parts, out
+    monkeypatch.setattr(pretrain, "compute_loss", nan_from_step_2)
+    run = tmp_path / "nan"
+    assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "10",
+                                 "--max-bad-steps", "3", "--val-fraction", "0"]) == 1
+    assert "stopped at step 4: 3 non-finite losses in a row" in capsys.readouterr().err
+    rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "skipped" in r] == [2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows if r.get("loss") is not None)
+    assert [r["loss"] is None for r in rows if "lr" in r and "skipped" not in r] == [False, False, True, True]
