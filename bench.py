@@ -21,7 +21,6 @@ Prints one JSON line per measurement, then a table. Each figure is the median of
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from models import ARCHS, build_model
+from models import ARCHS, build_model, patch_rule
 
 
 def timed(fn, repeats):
@@ -61,10 +60,10 @@ def bench_models(a):
     rows = []
     for arch in a.arch:
         for mode in a.modes:
-            big = ARCHS[arch]["family"] in ("swin", "resenc")
-            if a.patch < (64 if big else 32) or a.patch % (32 if big else 16):
-                print(json.dumps({"bench": f"models/{arch}/{mode}", "skipped": f"needs a patch multiple of {32 if big else 16}, "
-                                  f"at least {64 if big else 32}"}), flush=True)
+            divisor, minimum = patch_rule(arch)
+            if a.patch < minimum or a.patch % divisor:
+                print(json.dumps({"bench": f"models/{arch}/{mode}", "skipped": f"needs a patch multiple of {divisor}, "
+                                  f"at least {minimum}"}), flush=True)
                 continue
             model = build_model(arch, 1, None if mode == "pretrain" else 2, mode=mode, checkpointing=a.checkpointing).to(device)
             x = torch.rand(a.batch, 1, a.patch, a.patch, a.patch, device=device)
@@ -87,7 +86,7 @@ def bench_models(a):
             report(rows, f"models/{arch}/{mode}", "ms/step", [t * 1e3 for t in times],
                    samples_per_s=round(a.batch / med, 2), peak_gb=peak, tflop_per_sample=round(flops / a.batch / 1e12, 3),
                    tflops=round(flops / med / 1e12, 2), patch=a.patch, batch=a.batch, dtype=a.dtype, device=device.type)
-            del model, x
+            model = x = None  # free before the next arch is built
     return rows
 
 

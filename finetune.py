@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import data
 from evaluate import autocast_for, case_metrics, sliding_window
-from models import ARCHS, build_model, describe, load_encoder
+from models import ARCHS, build_model, describe, patch_rule, load_encoder
 
 RUNTIME_FLAGS = {"out", "data", "resume", "workers", "compile", "log_every", "ckpt_every", "checkpointing", "quiet", "device"}
 
@@ -99,8 +99,7 @@ def get_args(argv=None):
         p.error(f"--pretrained {a.pretrained}: no such file (give RUN/encoder.pt, or 'none')")
     if a.decoder and not a.arch.startswith("mednext"):
         p.error("--decoder is for MedNeXt only")
-    divisor = 32 if ARCHS[a.arch]["family"] in ("swin", "resenc") else 16
-    minimum = 64 if divisor == 32 else 32
+    divisor, minimum = patch_rule(a.arch)
     if a.patch % divisor or a.patch < minimum:
         p.error(f"--patch {a.patch}: {a.arch} needs a multiple of {divisor}, at least {minimum}")
     if a.n_train != "all" and not (a.n_train.isdigit() and int(a.n_train) >= 1):
@@ -121,8 +120,7 @@ def get_args(argv=None):
 def lr_at(step, steps_per_epoch, epochs, total, a):
     """Cosine annealing stepped per epoch (T_max in epochs, eta_min floor). With --steps
     the run has fewer epochs and T_max shrinks in proportion."""
-    n_epochs = math.ceil(total / steps_per_epoch)
-    t_max = a.t_max * n_epochs / epochs if total != epochs * steps_per_epoch else a.t_max
+    t_max = a.t_max * math.ceil(total / steps_per_epoch) / epochs  # = a.t_max for the full run
     e = step // steps_per_epoch
     return a.eta_min + (a.lr - a.eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2
 

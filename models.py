@@ -564,6 +564,13 @@ ARCHS = {
 }
 
 
+def patch_rule(arch):
+    """(divisor, smallest training side) of an arch's input: sides divide by the total
+    downsampling, and training needs two bottleneck voxels (InstanceNorm)."""
+    divisor = 32 if ARCHS[arch]["family"] in ("swin", "resenc") else 16
+    return divisor, 2 * divisor
+
+
 def init_conv_weights(module):
     """He-normal for convolutions (nnU-Net / Yucca's InitWeights_He(1e-2)), zero bias."""
     for m in module.modules():
@@ -600,20 +607,17 @@ def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None
             dec = MedNeXtDecoder(out_channels, v["exp_r"], v["blocks"])
         else:
             dec = UNetDecoder(enc.channels, out_channels)  # F = 32 for MedNeXt: its channels are 32..512
-        divisor = 16
     elif fam == "resenc":
         enc = ResEncoder(in_channels, v["features"], v["blocks"])
         dec = UNetDecoder(enc.channels, out_channels, n_convs=1, aux_heads=True)
-        divisor = 32
     else:
         enc = SwinViT(in_channels, v["feature_size"])
         dec = SwinSSLHeads(in_channels) if mode == "pretrain" else SwinUNETRDecoder(in_channels, out_channels, v["feature_size"])
-        divisor = 32
     if fam in ("unet", "resenc"):
         init_conv_weights(enc)
     if not isinstance(dec, (MedNeXtDecoder, SwinSSLHeads, SwinUNETRDecoder)):
         init_conv_weights(dec)
-    model = EncoderDecoder(arch, mode, enc, dec, divisor, in_channels, out_channels)
+    model = EncoderDecoder(arch, mode, enc, dec, patch_rule(arch)[0], in_channels, out_channels)
     return model.set_checkpointing(checkpointing)
 
 

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from models import ARCHS, build_model, describe
+from models import ARCHS, build_model, describe, patch_rule
 
 METHODS = ("amaes", "mae", "swin_ssl")
 # flags that may be given anew when a run is resumed: they change where or how fast, not the result
@@ -99,8 +99,7 @@ def get_args(argv=None):
     if a.method == "swin_ssl" and a.arch != "swinunetr":
         p.error(f"--method swin_ssl is SwinUNETR's own SSL (rotation, contrastive and reconstruction heads on its "
                 f"Swin bottleneck); use --arch swinunetr, or --method amaes / mae for {a.arch}")
-    divisor = 32 if ARCHS[a.arch]["family"] in ("swin", "resenc") else 16
-    minimum = 64 if divisor == 32 else 32
+    divisor, minimum = patch_rule(a.arch)
     if a.patch % divisor or a.patch < minimum:
         p.error(f"--patch {a.patch}: {a.arch} needs a multiple of {divisor}, at least {minimum}")
     if a.method != "swin_ssl" and (a.mask_token < 1 or a.patch % a.mask_token):

@@ -1,7 +1,6 @@
 """preprocess.py: geometry, round trip, intensity recipe, bad inputs, resume, demo."""
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
