@@ -17,7 +17,7 @@ resume continues at the next step without replaying a batch, whatever the number
 DataLoader workers. StepSampler is the distributed sampler: torch's DistributedSampler
 would hand out the same indices 0..n-1 every epoch and so repeat every augmentation.
 
-Augmentation presets (REFERENCE.md section 2; probabilities per sample):
+Augmentation presets (Munk et al. 2024 and their Yucca transforms; probabilities per sample):
   none     crop only (plain MAE)
   spatial  rotation (p 0.2, then 0.66 per axis, +-30 deg), scaling (p 0.2, 0.9..1.1)
            (the finetuning preset)

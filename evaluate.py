@@ -42,23 +42,13 @@ from tqdm import tqdm
 
 import preprocess  # the geometry both ways (recipe and to_native) lives there, once
 from models import build_model
+from training import UserError, autocast_for
 
 METRICS = ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percent")
 
 
 # -----------------------------------------------------------------------------
 # Inference
-
-def autocast_for(device, dtype="auto"):
-    """The autocast context for --dtype on `device`: bf16 where the GPU has it, else
-    fp16; fp32 (no autocast) on the CPU unless bf16 is asked for."""
-    if dtype == "auto":
-        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if dtype == "fp16" and device.type != "cuda":
-        raise ValueError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
-    return dtype, torch.autocast(device.type, dtype=amp, enabled=amp is not None)
-
 
 def window_starts(size, patch, overlap):
     """Start offsets along one axis: windows of `patch` with at least `overlap` shared,
@@ -229,6 +219,20 @@ def preprocess_raw(files):
     return image, meta
 
 
+def raw_file(path, meta, raw_root=None):
+    """Where a raw source file of the case is now: as preprocess.py recorded it
+    (absolute), or under --raw-root when the raw folder has moved."""
+    p = Path(path)
+    if raw_root is not None and meta.get("source_root"):
+        p = Path(raw_root) / p.relative_to(meta["source_root"])
+    if not p.exists():
+        hint = (f"--raw-root {raw_root} does not hold it either" if raw_root else
+                f"if the raw folder moved, pass --raw-root NEW_FOLDER (the folder given to preprocess.py --input, "
+                f"then {meta.get('source_root')})")
+        raise preprocess.CaseError(f"raw file {p} not found; {hint}")
+    return p
+
+
 def save_prediction(path, pred_native, meta):
     """Write the label map with the raw image's affine (and its header's qform/sform)."""
     ref = nib.load(meta["source_files"][0])
@@ -245,6 +249,8 @@ def get_args(argv=None):
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
     p.add_argument("--split", default="test", choices=("test", "train", "all"), help="cases to evaluate (default test)")
     p.add_argument("--images", help="folder of raw NIfTI to segment instead of --data (predictions only)")
+    p.add_argument("--raw-root", help="where the raw dataset given to preprocess.py --input is now, if it moved "
+                   "(predictions take the raw images' grid and metrics read the raw labels)")
     p.add_argument("--out", help="output folder (default RUN/eval, or RUN/predict with --images)")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
     p.add_argument("--blend", default="sum", choices=("sum", "gaussian"), help="sum logits (default, the paper) or Gaussian-weight them")
@@ -292,7 +298,7 @@ def main(argv=None):
             bad = []
         if not cases:
             raise ValueError(f"no cases to evaluate ({'--images ' + a.images if a.images else '--split ' + a.split})")
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     (a.out / "predictions").mkdir(parents=True, exist_ok=True)
@@ -307,6 +313,9 @@ def main(argv=None):
                 image, meta = preprocess_raw(files)
             else:
                 meta = json.loads(Path(a.data, "meta", f"{case}.json").read_text())
+                meta["source_files"] = [str(raw_file(f, meta, a.raw_root)) for f in meta["source_files"]]
+                if meta.get("source_label"):
+                    meta["source_label"] = str(raw_file(meta["source_label"], meta, a.raw_root))
                 image = np.load(Path(a.data, "images", f"{case}.npy"))
             pred = predict(model, image, info, a.overlap, a.blend, a.tta, a.batch, autocast)  # preprocessed grid
             native = preprocess.to_native(pred, meta, "nearest").round().astype(np.uint8)

@@ -49,21 +49,51 @@ class CaseError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Atomic writes: a temp file in the same folder, then os.replace
+# Atomic writes (every file the kit writes goes through write_atomic) and JSON
 
-def write_atomic(path, write):
+def write_atomic(path, write, keep=None):
+    """write(tmp) to a temporary file next to `path`, fsync it, rename it over `path`,
+    fsync the folder: a reader sees the old file or the new one, never half of one,
+    even after a crash or power loss. keep: rename the old `path` to this first.
+    On any failure (a full disk) the temporary file is removed and the error raised."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if keep is not None and path.exists():
+            os.replace(path, keep)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    try:  # the renames themselves reach the disk with the folder's entry
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # folders cannot be fsynced on some file systems; the file itself is safe
+        pass
+
+
+def clean_json(x):
+    """x with every non-finite float (NaN, inf) replaced by None, so the JSON it gives
+    is standard JSON (null) that every tool can read."""
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: clean_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean_json(v) for v in x]
+    if isinstance(x, np.generic):
+        return clean_json(x.item())
+    return x
 
 
 def save_json(path, obj):
-    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1)))
+    write_atomic(path, lambda p: p.write_text(json.dumps(clean_json(obj), indent=1, allow_nan=False)))
 
 
 def save_npy(path, arr):
@@ -76,11 +106,19 @@ def save_npy(path, arr):
 # -----------------------------------------------------------------------------
 # Reading and checking one NIfTI
 
-def read_nifti(path):
-    """(data float32 array, affine) of a NIfTI file, fully read so that truncation shows."""
+def read_nifti(path, volume=None, opened=None):
+    """(data float32 array, affine) of a NIfTI file, fully read so that truncation shows.
+    volume: read only that 3D volume of a 4D file. opened: a dict that keeps the file
+    open between calls, so reading volumes 0, 1, 2, ... of a .nii.gz in order
+    decompresses the file once in all (gzip seeks forward from where it stopped),
+    and only one volume is in memory at a time."""
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj, dtype=np.float32)
+        if opened is None or str(path) not in opened:
+            img = nib.load(str(path), keep_file_open=opened is not None)
+            if opened is not None:
+                opened[str(path)] = img
+        img = opened[str(path)] if opened is not None else img
+        data = np.asanyarray(img.dataobj if volume is None else img.dataobj[..., volume], dtype=np.float32)
     except Exception as e:  # nibabel, gzip, zlib and EOF errors all mean the same to a user
         raise CaseError(f"cannot read as NIfTI ({type(e).__name__}: {str(e)[:120]}); "
                         "the file is corrupt, truncated or not NIfTI: re-export or re-download it")
@@ -264,14 +302,12 @@ def done_meta(out, c):
 # -----------------------------------------------------------------------------
 # One case (runs in a worker process)
 
-def process_case(c, out, allowed_labels):
+def process_case(c, out, allowed_labels, opened=None):
     name = c["case"]
     channels, affine = [], None
     for f in c["files"]:
-        data, aff = read_nifti(f)
-        if "volume" in c:
-            data = data[..., c["volume"]]
-        elif data.ndim == 4 and data.shape[3] == 1:
+        data, aff = read_nifti(f, c.get("volume"), opened if "volume" in c else None)
+        if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
         elif data.ndim == 4:
             raise CaseError(f"{f} is 4D {data.shape}; give one 3D file per channel")
@@ -298,7 +334,7 @@ def process_case(c, out, allowed_labels):
     save_npy(out / "images" / f"{name}.npy", image.astype(np.float16))
     if lab is not None:
         save_npy(out / "labels" / f"{name}.npy", lab)
-    meta.update({"case": name, "split": c["split"], "source_files": c["files"], "source_label": c["label"],
+    meta.update({"case": name, "split": c["split"], "source_root": c["root"], "source_files": c["files"], "source_label": c["label"],
                  "volume": c.get("volume"), "original_affine": np.asarray(affine).tolist(),
                  "original_shape": list(channels[0].shape),
                  "original_spacing": [float(s) for s in nib.affines.voxel_sizes(affine)],
@@ -308,14 +344,27 @@ def process_case(c, out, allowed_labels):
     return meta
 
 
-def worker(c, out, allowed_labels):
-    """Returns (case, meta or None, error text or None); never raises."""
-    try:
-        return c["case"], process_case(c, out, allowed_labels), None
-    except CaseError as e:
-        return c["case"], None, str(e)
-    except Exception as e:  # an unforeseen failure must not stop the batch either
-        return c["case"], None, f"unexpected {type(e).__name__}: {e}"
+def worker(job, out, allowed_labels):
+    """One job: a 3D case, or every volume of one 4D file (read in order, the file
+    kept open, so it is decompressed once). Returns [(case, meta or None, error text
+    or None)]; never raises."""
+    results, opened = [], {}
+    for c in job:
+        try:
+            results.append((c["case"], process_case(c, out, allowed_labels, opened), None))
+        except CaseError as e:
+            results.append((c["case"], None, str(e)))
+        except Exception as e:  # an unforeseen failure must not stop the batch either
+            results.append((c["case"], None, f"unexpected {type(e).__name__}: {e}"))
+    return results
+
+
+def jobs(cases):
+    """Cases grouped into work units: the volumes of a 4D file together, in order."""
+    groups = {}
+    for c in cases:
+        groups.setdefault(c["files"][0] if "volume" in c else c["case"], []).append(c)
+    return [sorted(g, key=lambda c: c.get("volume") or 0) for g in groups.values()]
 
 
 def init_worker():
@@ -342,6 +391,7 @@ def assign_test_split(cases, fraction, seed):
 def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=False):
     """Preprocess `inp` into `out`; returns (n_done, n_skipped, failures)."""
     t0 = time.time()
+    inp = Path(inp).resolve()  # sources are recorded absolute, so outputs work from any folder
     labelled = (inp / "imagesTr").is_dir()
     if labelled:
         cases, failed, ds_meta = find_labelled(inp)
@@ -349,6 +399,8 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     else:
         (cases, failed), ds_meta, split_info = find_unlabelled(inp), {}, None
     allowed = label_values(ds_meta)
+    for c in cases:
+        c["root"] = str(inp)
     for d in ("images", "labels", "meta") if labelled else ("images", "meta"):
         (out / d).mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*/.*.tmp"):  # what a killed run left behind
@@ -359,13 +411,14 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=quiet or not todo)
     for f in failed:
         print(f"FAILED {f['case']}: {f['reason']}", file=sys.stderr)
-    if workers > 1 and len(todo) > 1:
+    work = jobs(todo)
+    if workers > 1 and len(work) > 1:
         pool = cf.ProcessPoolExecutor(workers, initializer=init_worker)
-        results = pool.map(worker, todo, [out] * len(todo), [allowed] * len(todo), chunksize=1)
+        results = pool.map(worker, work, [out] * len(work), [allowed] * len(work), chunksize=1)
     else:
-        pool, results = None, (worker(c, out, allowed) for c in todo)
+        pool, results = None, (worker(j, out, allowed) for j in work)
     by_name = {c["case"]: c for c in cases}
-    for name, meta, err in results:
+    for name, meta, err in (r for rs in results for r in rs):
         bar.update(1)
         if err:
             failed.append({"case": name, "files": inputs(by_name[name]), "reason": err})

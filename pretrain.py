@@ -14,7 +14,8 @@ Methods:
             sample; loss = rotation CE + NT-Xent (temperature 0.5) + L1 reconstruction.
 Wald et al.'s setting is a command line away: --mask-token 16 --mask-ratio 0.75 --loss-on masked.
 
-Defaults are the paper's (REFERENCE.md section 2): patch 128, batch 8 per process,
+Defaults are the paper's and the authors' code's (Munk et al. 2024, arXiv 2408.00640;
+github.com/asbjrnmunk/amaes): patch 128, batch 8 per process,
 AdamW lr 1e-4 wd 0.01, linear warm-up from lr*1e-3 over 5 epochs then cosine to 0,
 stepped every iteration; 100 epochs of int(n_train / (batch * world)) steps; 1 % of
 the volumes held out for validation; bf16 autocast on GPUs that have it, fp16 with a
@@ -31,32 +32,23 @@ gives the same next batch, the same masks and the same learning rate as an
 uninterrupted run.
 """
 import argparse
-import contextlib
-import json
+import gzip
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 from models import ARCHS, build_model, describe, patch_rule
+from preprocess import write_atomic
+from training import (Interval, StopRun, add_run_flags, all_sum, check_run_flags, guarded_step, make_loader, make_optimizer,
+                      precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 METHODS = ("amaes", "mae", "swin_ssl")
-# flags that may be given anew when a run is resumed: they change where or how fast, not the result
-RUNTIME_FLAGS = {"out", "data", "resume", "workers", "compile", "log_every", "ckpt_every", "checkpointing", "quiet", "device"}
-
-
-class StopRun(Exception):
-    """The run cannot go on (repeated non-finite losses): exit 1 with this message."""
 
 
 def get_args(argv=None):
@@ -66,8 +58,6 @@ def get_args(argv=None):
     p.add_argument("--method", default="amaes", choices=METHODS, help="amaes (default), mae, or swin_ssl (swinunetr only)")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (preprocess.py output; default demo/preprocessed)")
     p.add_argument("--out", default="runs/pretrain", help="run folder (default runs/pretrain)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt with its saved settings; "
-                   "start it when --out has no ckpt.pt yet (so a rerun of the same command picks up where it stopped)")
     p.add_argument("--init", metavar="CKPT", help="start from another run's weights (ckpt.pt or encoder.pt): tensors that match "
                    "by name and shape load, the rest are listed and keep their fresh initialisation")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
@@ -83,18 +73,8 @@ def get_args(argv=None):
     p.add_argument("--loss-on", default="all", choices=("all", "masked"), help="MSE over all voxels (default) or masked voxels only")
     p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (default: all for amaes, none for mae and swin_ssl)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of volumes held out for validation (default 0.01; at least 1)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast dtype (default auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU)")
-    p.add_argument("--grad-clip", type=float, default=0, help="clip the gradient norm to this (default 0 = off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30 %% more compute)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: cores per process - 1, at most 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, masks, split and initialisation (default 0)")
-    p.add_argument("--log-every", type=int, default=20, help="log.jsonl line every N steps (default 20)")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="write ckpt.pt every N steps, besides each epoch end (default 1000)")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row (default 5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_flags(p)
     a = p.parse_args(argv)
     if a.method == "swin_ssl" and a.arch != "swinunetr":
         p.error(f"--method swin_ssl is SwinUNETR's own SSL (rotation, contrastive and reconstruction heads on its "
@@ -108,13 +88,7 @@ def get_args(argv=None):
         p.error("--mask-ratio must be in [0, 1)")
     if not 0 <= a.val_fraction < 0.5:
         p.error("--val-fraction must be in [0, 0.5)")
-    for name in ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps"):
-        v = getattr(a, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.workers is not None and a.workers < 0:
-        p.error("--workers must be >= 0")
-    a.given = sorted(k for k, v in vars(a).items() if v != p.get_default(k))
+    check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps"))
     if a.aug is None:
         a.aug = "all" if a.method == "amaes" else "none"
     return a
@@ -172,15 +146,7 @@ def save_nifti(path, x):
     """(C, X, Y, Z) array -> NIfTI (1 mm, RAS, as preprocessed), written atomically."""
     x = np.asarray(x, dtype=np.float32)
     x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
-    tmp = path.with_name(".tmp-" + path.name)
-    nib.save(nib.Nifti1Image(x, np.eye(4)), tmp)
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda p: p.write_bytes(gzip.compress(nib.Nifti1Image(x, np.eye(4)).to_bytes(), compresslevel=1)))
 
 
 def load_weights_by_name(model, path):
@@ -207,56 +173,25 @@ def load_weights_by_name(model, path):
 
 def train(a):
     """The whole run for flags `a`; returns the (unwrapped) model."""
-    out = Path(a.out)
+    ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
+    out, say = Path(a.out), ctx.say
+    ck = resume_or_start(a, out, ctx)  # None for a new run
 
-    # -- distributed setup (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE) ------
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    master = rank == 0
-    say = print if master else (lambda *x, **k: None)
-
-    # -- resume or fresh start ------------------------------------------------
-    ck = None
-    if a.resume and (out / "ckpt.pt").exists():
-        ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
-        saved = ck["args"]
-        ignored = [k for k in a.given if k not in RUNTIME_FLAGS and saved.get(k) != getattr(a, k)]
-        for k, v in saved.items():  # the saved settings, except runtime flags given now (e.g. a moved --data)
-            if k not in ("out", "resume", "given") and not (k in RUNTIME_FLAGS and k in a.given):
-                setattr(a, k, v)
-        if ignored:
-            say(f"resume: the run's saved settings are kept; ignored --{', --'.join(k.replace('_', '-') for k in ignored)}")
-        if ck["world"] != world:
-            raise ValueError(f"--resume: {out} was trained with {ck['world']} processes and this launch has {world}; "
-                             "resume with the same --nproc_per_node so the sample order continues exactly")
-    elif (out / "ckpt.pt").exists():
-        raise FileExistsError(f"{out} already holds a run (ckpt.pt); pass --resume to continue it or choose another --out")
-    elif a.resume:
-        say(f"--resume: {out} has no checkpoint yet; starting the run")
-
-    # -- data ---------------------------------------------------------------
-    ds_json = data.read_dataset(a.data)
-    cases = sorted(c["case"] for c in ds_json["cases"] if c["split"] == "train") or sorted(c["case"] for c in ds_json["cases"])
-    n_val = max(1, round(a.val_fraction * len(cases))) if a.val_fraction > 0 and len(cases) > 1 else 0
-    val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
-    train_cases = [c for c in cases if c not in val_cases]
-    train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed)
-    val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
-    spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * world))
+    # -- data -----------------------------------------------------------------
+    with user_input():
+        ds_json = data.read_dataset(a.data)
+        cases = sorted(c["case"] for c in ds_json["cases"] if c["split"] == "train") or sorted(c["case"] for c in ds_json["cases"])
+        n_val = max(1, round(a.val_fraction * len(cases))) if a.val_fraction > 0 and len(cases) > 1 else 0
+        val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
+        train_cases = [c for c in cases if c not in val_cases]
+        train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed)
+        val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
+    spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * ctx.world))
     total = a.steps or a.epochs * spe
     warmup = round(total * a.warmup_epochs / a.epochs)
     in_ch = int(ds_json.get("n_channels", 1))
-    workers = a.workers if a.workers is not None else min(10, max(1, (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
 
-    # -- model, optimiser, precision ---------------------------------------
+    # -- model, optimiser, precision ------------------------------------------
     torch.manual_seed(a.seed)
     model = build_model(a.arch, in_channels=in_ch, mode="pretrain", checkpointing=a.checkpointing)
     if a.arch == "swinunetr" and a.method != "swin_ssl":
@@ -264,60 +199,32 @@ def train(a):
         # from waiting for gradients that never come
         model.decoder.rotation_head.requires_grad_(False), model.decoder.contrastive_head.requires_grad_(False)
     if a.init and ck is None:
-        fresh = load_weights_by_name(model, a.init)
+        with user_input():
+            fresh = load_weights_by_name(model, a.init)
         say(f"init: loaded {len(model.state_dict()) - len(fresh)} tensors from {a.init}; "
             f"re-initialised {len(fresh)}" + (f": {', '.join(fresh[:8])}" + (" ..." if len(fresh) > 8 else "") if fresh else ""))
-    model.to(device)
-    if a.dtype == "auto":
-        a.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if a.dtype == "fp16" and not cuda:
-        raise ValueError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.dtype]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=a.dtype == "fp16")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=a.wd)
-    step = 0
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"])
-        step = ck["step"]
-    net = torch.compile(model) if a.compile else model
-    if world > 1:
-        net = DDP(net, device_ids=[local] if cuda else None)
-
-    if master:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(a), indent=1))
-        if ck is not None and (out / "log.jsonl").exists():
-            # drop lines a killed run wrote after its last checkpoint: they will be redone
-            keep = [ln for ln in (out / "log.jsonl").read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            (out / "log.jsonl").write_text("".join(ln + "\n" for ln in keep))
+    model.to(ctx.device)
+    a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
+    opt = make_optimizer(model.parameters(), "adamw", a.lr, a.wd, ctx.device)
+    step = restore(ck, model, opt, scaler)
+    net = wrap(model, a.compile, ctx)
+    log = open_run(out, a, ck, step, ctx)
+    if ctx.master:
+        (out / "samples").mkdir(exist_ok=True)
     say(describe(model))
-    say(f"{a.method}: {len(train_cases)} train / {len(val_cases)} validation volumes, {world} process(es) x batch {a.batch}, "
-        f"patch {a.patch}^3, {total} steps ({spe} per epoch, warm-up {warmup}), {a.dtype} on {device.type}, aug {a.aug}")
+    say(f"{a.method}: {len(train_cases)} train / {len(val_cases)} validation volumes, {ctx.world} process(es) x batch {a.batch}, "
+        f"patch {a.patch}^3, {total} steps ({spe} per epoch, warm-up {warmup}), {a.dtype} on {ctx.device.type}, aug {a.aug}")
 
-    def log(row):
-        if master:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+    saved = ck["step"] if ck is not None else None  # the step of the last good checkpoint
 
     def checkpoint():
-        if not master:
-            return
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "epoch": step // spe, "total": total, "world": world, "rng": torch.get_rng_state(),
-                     "args": vars(a), "arch": a.arch, "in_channels": in_ch, "train_cases": train_cases,
-                     "val_cases": val_cases}, out / "ckpt.pt")
-        save_atomic({"arch": a.arch, "in_channels": in_ch, "method": a.method, "step": step,
-                     "encoder": model.encoder.state_dict()}, out / "encoder.pt")
-
-    def all_sum(*xs):
-        t = torch.tensor(xs, dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+        """ckpt.pt (everything to resume) and encoder.pt (for finetune.py); finite weights only."""
+        save_all(ctx, [({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                         "step": step, "epoch": step // spe, "total": total, "world": ctx.world,
+                         "rng": torch.get_rng_state(), "args": vars(a), "arch": a.arch, "in_channels": in_ch,
+                         "train_cases": train_cases, "val_cases": val_cases}, out / "ckpt.pt", True),
+                        ({"arch": a.arch, "in_channels": in_ch, "method": a.method, "step": step,
+                          "encoder": model.encoder.state_dict()}, out / "encoder.pt", False)])
 
     @torch.no_grad()
     def validate():
@@ -327,111 +234,56 @@ def train(a):
             return None
         model.eval()
         tot = cnt = 0.0
-        for k in range(rank, len(val_cases), world):
+        for k in range(ctx.rank, len(val_cases), ctx.world):
             inp, target, _ = val_ds.sample(k)
-            inp, target = inp[None].to(device), target[None].to(device)
+            inp, target = inp[None].to(ctx.device), target[None].to(ctx.device)
             loss, _, (x, y, t) = compute_loss(model, inp, target, a, (a.seed, 2 ** 31 - 1, k), autocast)
             tot, cnt = tot + loss.item(), cnt + 1
             if k == 0:  # rank 0 writes the first example
                 for name, v in (("input", x), ("reconstruction", y), ("target", t)):
                     save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
         model.train()
-        tot, cnt = all_sum(tot, cnt)
+        tot, cnt = all_sum(ctx, tot, cnt)
         return tot / cnt
 
     if step >= total:
         say(f"{out} is already finished ({step} of {total} steps)")
         return model
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=a.batch, sampler=data.StepSampler(step, total - step, a.batch, rank, world),
-        num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None, persistent_workers=False)
-    batches = iter(loader)
+    loader = make_loader(train_ds, a.batch, step, total - step, ctx, a.workers)
+    meter = Interval(ctx, a.max_bad_steps, a.dtype == "fp16")
     net.train()
-    bad = 0
-    win = dict(loss=0.0, n=0, steps=0, wait=0.0, time=0.0)  # the current log interval
-    bar = None
-    t_end = time.perf_counter()
-    while step < total:
-        epoch = step // spe
-        if bar is None and not a.quiet and master:
-            bar = tqdm(total=min(spe, total - epoch * spe), initial=step - epoch * spe, desc=f"epoch {epoch}", leave=False)
-        inp, target = next(batches)  # (B, C, P, P, P) each
-        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        t_data = time.perf_counter()
-        lr = lr_at(step, total, warmup, a.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, parts, _ = compute_loss(net, inp, target, a, (a.seed, step, rank), autocast)
-        # every rank must agree before backward, or DDP's all-reduce would hang
-        finite = all_sum(float(torch.isfinite(loss)))[0] == world
-        if finite:
-            scaler.scale(loss).backward()
-            if a.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            bad = 0
-        else:
-            bad += 1
-            log({"step": step, "skipped": "non-finite loss", "lr": lr})
-            say(f"step {step}: non-finite loss, step skipped ({bad} in a row)")
-            if bad >= a.max_bad_steps:
-                raise StopRun(f"stopped at step {step}: {bad} non-finite losses in a row. Lower --lr, set --grad-clip, "
-                              f"or use --dtype fp32; resume from the last checkpoint with --resume")
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        lv = loss.item()
-        now = time.perf_counter()
-        win["wait"] += t_data - t_end
-        win["time"] += now - t_end
-        win["steps"] += 1
-        step_time, t_end = now - t_end, now
-        if finite:
-            win["loss"], win["n"] = win["loss"] + lv, win["n"] + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4f}", samples_s=f"{a.batch * world / step_time:.1f}")
-        if step % a.log_every == 0 or step == total:
-            loss_sum, n = all_sum(win["loss"], win["n"])
-            row = {"step": step, "epoch": epoch, "loss": loss_sum / n if n else None, "lr": lr,
-                   "samples_per_s": round(a.batch * world * win["steps"] / win["time"], 2),
-                   "data_wait": round(win["wait"] / win["time"], 4),
-                   "peak_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if cuda else None}
-            row.update({k: round(v.item(), 5) for k, v in parts.items()})
-            log(row)
-            win = dict(loss=0.0, n=0, steps=0, wait=0.0, time=0.0)
+    for s, epoch, (inp, target) in steps(loader, step, total, spe, meter, a.quiet):  # (B, C, P, P, P) each
+        lr = lr_at(s, total, warmup, a.lr)
+        set_lr(opt, lr)
+        loss, parts, _ = compute_loss(net, inp, target, a, (a.seed, s, ctx.rank), autocast)
+        skipped = guarded_step(loss, opt, scaler, a.grad_clip, a.dtype == "fp16")
+        meter.add(s, loss, skipped, parts)
+        step = s + 1
         epoch_end = step % spe == 0 or step == total
+        if step % a.log_every == 0 or step == total or epoch_end or step % a.ckpt_every == 0:
+            meter.check(log, out / "ckpt.pt", saved)  # skipped steps: logged, or too many in a row: stop
+        if step % a.log_every == 0 or step == total:
+            log(dict(step=step, epoch=epoch, lr=lr, **meter.row(a.batch * ctx.world)))
         if epoch_end:
-            if bar is not None:
-                bar.close()
-                bar = None
             v = validate()
             if v is not None:
                 log({"step": step, "epoch": epoch, "val_loss": v})
-            say(f"epoch {epoch}: step {step}/{total}, train loss {lv:.4f}" + (f", validation loss {v:.4f}" if v is not None else ""))
+            say(f"epoch {epoch}: step {step}/{total}" + (f", validation loss {v:.4f}" if v is not None else ""))
         if epoch_end or step % a.ckpt_every == 0:
-            checkpoint()
-            t_end = time.perf_counter()  # validation and saving are not data wait
+            try:
+                checkpoint()
+            except StopRun as e:
+                raise stopped(step, str(e), out / "ckpt.pt", saved) from None
+            saved = step
+        if epoch_end or step % a.ckpt_every == 0:
+            meter.restart()  # validation and saving are not data wait
     say(f"done: {out / 'encoder.pt'} (for finetune.py --pretrained), log {out / 'log.jsonl'}, samples {out / 'samples'}")
     return model
 
 
 def main(argv=None):
-    """Exit status: 0 done, 1 stopped by non-finite losses, 2 bad flags or inputs (one line, no traceback)."""
-    a = get_args(argv)
-    try:
-        train(a)
-        return 0
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # the types the checks above raise
-        print(f"pretrain.py: error: {e}", file=sys.stderr)
-        return 2
-    except StopRun as e:
-        print(f"pretrain.py: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs."""
+    return run_main("pretrain.py", train, get_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bench.py models / train: rows as documented, FLOPs against REFERENCE.md section 7."""
+"""bench.py models / train: rows as documented, FLOPs against the figures counted at 128^3."""
 import json
 
 import pytest
@@ -14,7 +14,7 @@ def test_models_flops_match_the_reference(capsys):
     assert bench.main(["models", "--arch", "unet_b", "swinunetr", "--patch", "32", "--batch", "1", "--repeats", "1",
                        "--device", "cpu", "--dtype", "fp32"]) == 0
     got = {r["bench"]: r for r in rows(capsys.readouterr().out)}
-    # REFERENCE.md: 1.55 / 2.85 TFLOP per 128^3 sample, forward + backward; FLOPs scale with voxels (1/64 at 32^3)
+    # FlopCounterMode at 128^3: 1.55 / 2.85 TFLOP per sample, forward + backward; FLOPs scale with voxels (1/64 at 32^3)
     assert got["models/unet_b/pretrain"]["tflop_per_sample"] == pytest.approx(1.55 / 64, rel=0.03)
     assert got["models/unet_b/seg"]["tflop_per_sample"] == pytest.approx(2.85 / 64, rel=0.03)
     assert "skipped" in got["models/swinunetr/seg"]  # needs 64^3

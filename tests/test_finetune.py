@@ -11,6 +11,7 @@ import torch
 import evaluate
 import finetune
 import pretrain
+import training
 
 TINY = ["--arch", "unet_b", "--patch", "32", "--batch", "2", "--workers", "0", "--quiet", "--log-every", "1"]
 
@@ -112,16 +113,16 @@ def test_resume_is_exact(demo, encoder, tmp_path, monkeypatch):
     args = TINY + ["--data", str(demo / "preprocessed"), "--pretrained", str(encoder), "--n-train", "3", "--val-cases", "1",
                    "--steps", "6", "--steps-per-epoch", "2", "--val-every", "2", "--ckpt-every", "3"]
     assert finetune.main(args + ["--out", str(tmp_path / "straight")]) == 0
-    save = finetune.save_atomic
+    save = training.save_checkpoint
 
-    def killed_at_step_3(obj, path):
-        save(obj, path)
+    def killed_at_step_3(obj, path, keep_prev=True):
+        save(obj, path, keep_prev)
         if path.name == "ckpt.pt" and obj["step"] == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(finetune, "save_atomic", killed_at_step_3)
+    monkeypatch.setattr(training, "save_checkpoint", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args + ["--out", str(tmp_path / "split")])
-    monkeypatch.setattr(finetune, "save_atomic", save)
+    monkeypatch.setattr(training, "save_checkpoint", save)
     assert finetune.main(["--out", str(tmp_path / "split"), "--resume", "--quiet"]) == 0
 
     def log(run):

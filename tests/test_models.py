@@ -1,4 +1,4 @@
-"""models.py: exact parameter counts (REFERENCE.md section 3), shapes, transfer, copyability."""
+"""models.py: exact parameter counts (the published architectures), shapes, transfer, copyability."""
 import ast
 import pathlib
 
@@ -41,7 +41,7 @@ def test_models_py_imports_only_torch_and_stdlib():
     assert roots - {"torch"} <= set(sys.stdlib_module_names), roots
 
 
-# The figures of REFERENCE.md section 3 and the models issue, typed in by hand.
+# Counts of the reference implementations (MedNeXt v1, MONAI SwinUNETR, nnU-Net ResEnc-L), typed in by hand.
 EXACT = [
     ("mednext_s", "seg", dict(decoder="native"), 1, 2, 5_550_914),
     ("mednext_b", "seg", dict(decoder="native"), 1, 2, 10_526_306),

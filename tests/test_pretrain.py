@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pretrain
+import training
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,16 +56,16 @@ def test_resume_is_exact(demo, tmp_path, monkeypatch):
     args = TINY + ["--data", str(demo / "preprocessed"), "--steps", "8", "--ckpt-every", "4", "--steps-per-epoch", "3"]
     assert pretrain.main(args + ["--out", str(tmp_path / "straight")]) == 0
 
-    save = pretrain.save_atomic
+    save = training.save_checkpoint
 
-    def killed_after_step_4(obj, path):  # the process dies right after the step-4 checkpoint
-        save(obj, path)
+    def killed_after_step_4(obj, path, keep_prev=True):  # the process dies right after the step-4 checkpoint
+        save(obj, path, keep_prev)
         if path.name == "encoder.pt" and obj["step"] == 4:
             raise KeyboardInterrupt
-    monkeypatch.setattr(pretrain, "save_atomic", killed_after_step_4)
+    monkeypatch.setattr(training, "save_checkpoint", killed_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(args + ["--out", str(tmp_path / "split")])
-    monkeypatch.setattr(pretrain, "save_atomic", save)
+    monkeypatch.setattr(training, "save_checkpoint", save)
     assert pretrain.main(["--out", str(tmp_path / "split"), "--resume", "--quiet"]) == 0
 
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
@@ -179,7 +180,7 @@ def test_non_finite_losses_skip_then_stop(demo, tmp_path, monkeypatch, capsys):
     run = tmp_path / "nan"
     assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "10",
                                  "--max-bad-steps", "3", "--val-fraction", "0"]) == 1
-    assert "stopped at step 4: 3 non-finite losses in a row" in capsys.readouterr().err
+    assert "stopped at step 4: 3 steps in a row had a non-finite loss or gradients" in capsys.readouterr().err
     rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "skipped" in r] == [2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in rows if r.get("loss") is not None)

@@ -1,0 +1,474 @@
+"""
+The run plumbing that pretrain.py and finetune.py share, as plain functions in the
+order a training script uses them (facebookresearch/mae's util/misc.py is the model).
+Each script keeps its own loop inline; this file holds only what both loops need.
+
+    ctx = setup(a.device)                               # torchrun's RANK / LOCAL_RANK / WORLD_SIZE
+    ck = resume_or_start(a, out, ctx)                   # ckpt.pt (or ckpt_prev.pt) with --resume, else None
+    a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
+    loader = make_loader(dataset, a.batch, step, total - step, ctx, a.workers)
+    skipped = guarded_step(loss, opt, scaler, a.grad_clip)          # a device flag: no host sync
+    save_all(ctx, [(state, out / "ckpt.pt", True)])     # finite weights only; the previous one kept
+    sys.exit(run_main("pretrain.py", train, a))         # exit codes 0 / 1 / 2
+
+What keeps a week of training safe:
+- A step whose loss or gradients are not finite is skipped on the device (GradScaler's
+  found-inf switch, used in every dtype), so the weights never take a non-finite
+  update; --max-bad-steps such steps in a row stop the run (checked at log steps).
+- A checkpoint is written only when every weight is finite, to a temporary file that
+  is fsynced and renamed; the previous checkpoint stays as ckpt_prev.pt, so a failed
+  or refused save never leaves the run without a good checkpoint.
+- log.jsonl is trimmed on resume (a line cut short by a kill is dropped) and JSON
+  written by the kit never holds NaN or Infinity (they become null).
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from preprocess import clean_json, save_json, write_atomic
+
+
+# flags that may be given anew when a run is resumed: where and how fast it runs, and
+# the ways past a divergence (clipping, precision, patience); everything else is the run's
+RUNTIME_FLAGS = {"out", "data", "resume", "workers", "compile", "log_every", "ckpt_every", "checkpointing", "quiet", "device",
+                 "grad_clip", "dtype", "max_bad_steps"}
+
+
+class UserError(Exception):
+    """Bad flags or inputs: one line on stderr, exit status 2, no traceback."""
+
+
+class StopRun(Exception):
+    """The run cannot go on (non-finite steps, weights or a full disk): exit 1 with this message."""
+
+
+@contextlib.contextmanager
+def user_input():
+    """Errors raised while reading the user's inputs (missing files, bad datasets, bad
+    flag values) are the user's: re-raise them as UserError. Used around the setup
+    block only, so an error inside the training loop keeps its traceback."""
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(str(e)) from None
+
+
+def add_run_flags(p, ckpt_every=1000):
+    """The flags every training script has for how (not what) it runs."""
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt with its saved settings "
+                   "(ckpt_prev.pt if ckpt.pt is unreadable); start it when --out has no checkpoint yet, so a rerun of the "
+                   "same command picks up where it stopped")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast dtype (default auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU)")
+    p.add_argument("--grad-clip", type=float, default=0, help="clip the gradient norm to this (default 0 = off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30 %% more compute)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per process (default: the cores this process may use, minus one)")
+    p.add_argument("--log-every", type=int, default=20, help="log.jsonl line every N steps (default 20)")
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every, help=f"write ckpt.pt every N steps (default {ckpt_every})")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many steps in a row with a non-finite loss or gradients, each skipped (default 5)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def check_run_flags(p, a, names):
+    """argparse errors for any of `names` below 1 (None = not given) and for negative
+    --workers; then a.given = the flags whose value is not the default (for resume)."""
+    for name in names:
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.workers is not None and a.workers < 0:
+        p.error("--workers must be >= 0")
+    a.given = sorted(k for k, v in vars(a).items() if v != p.get_default(k))
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup
+
+def setup(device="auto"):
+    """Process facts from torchrun's environment; joins the process group (nccl on
+    CUDA, gloo on CPU) when there is more than one process."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    master = rank == 0
+    # tqdm.write prints above a progress bar instead of through it
+    return SimpleNamespace(rank=rank, world=world, local=local, device=dev, cuda=cuda, master=master,
+                           say=(lambda s: tqdm.write(str(s))) if master else (lambda *x, **k: None))
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(ctx, *xs):
+    """Sum of numbers (or 0-d tensors) over all processes, as a list of floats (one sync)."""
+    t = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=ctx.device) for x in xs])
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def default_workers():
+    """DataLoader workers per process: the cores this process may use (its CPU
+    affinity, shared by the local processes), minus one for the training loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1)
+
+
+def make_loader(dataset, batch, start_step, steps, ctx, workers=None):
+    """The run's one DataLoader: StepSampler order (data.py), so sample k is the same
+    whatever the worker count, and a resumed run starts at its next step."""
+    from data import StepSampler  # data.py is the only other module that knows the sample order
+    workers = default_workers() if workers is None else workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=StepSampler(start_step, steps, batch, ctx.rank, ctx.world),
+        num_workers=workers, pin_memory=ctx.cuda, prefetch_factor=4 if workers else None)
+
+
+# -----------------------------------------------------------------------------
+# Resume
+
+def find_checkpoint(out):
+    """(path, checkpoint) of the newest readable checkpoint in `out` (ckpt.pt, else
+    ckpt_prev.pt), or (None, None)."""
+    for name in ("ckpt.pt", "ckpt_prev.pt"):
+        p = out / name
+        if p.exists():
+            try:
+                return p, torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:
+                print(f"warning: {p} is not readable ({type(e).__name__}); trying the previous checkpoint", file=sys.stderr)
+    return None, None
+
+
+def flag_names(keys):
+    return ", ".join("--" + k.replace("_", "-") for k in keys)
+
+
+def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS):
+    """With --resume: the run's checkpoint, its saved settings copied onto `a` except
+    the runtime flags given now (a moved --data, more --workers, a --grad-clip to get
+    past a divergence); the flags that cannot change are named. Without --resume a
+    folder that holds a run is refused, so nothing is overwritten by accident."""
+    path, ck = find_checkpoint(out)
+    if ck is None:
+        if any((out / n).exists() for n in ("ckpt.pt", "ckpt_prev.pt")):
+            raise UserError(f"{out} holds checkpoints that cannot be read; move them away or choose another --out")
+        if a.resume:
+            ctx.say(f"--resume: {out} has no checkpoint yet; starting the run")
+        return None
+    if not a.resume:
+        raise UserError(f"{out} already holds a run ({path.name}); pass --resume to continue it or choose another --out")
+    saved = ck["args"]
+    ignored = [k for k in a.given if k not in runtime_flags and saved.get(k) != getattr(a, k)]
+    changed = [k for k in a.given if k in runtime_flags - {"out", "resume"} and k in saved and saved[k] != getattr(a, k)]
+    for k, v in saved.items():
+        if k not in ("out", "resume", "given") and not (k in runtime_flags and k in a.given):
+            setattr(a, k, v)
+    if ignored:
+        ctx.say(f"resume: the run's saved settings are kept; ignored {flag_names(ignored)}")
+    if changed:
+        ctx.say(f"resume: changed for the rest of the run: {flag_names(changed)}")
+    if ck["world"] != ctx.world:
+        raise UserError(f"--resume: {out} was trained with {ck['world']} processes and this launch has {ctx.world}; "
+                        "resume with the same --nproc_per_node so the sample order continues exactly")
+    ctx.say(f"resume: {path} at step {ck['step']}")
+    return ck
+
+
+# -----------------------------------------------------------------------------
+# Precision and the guarded optimiser step
+
+def autocast_for(device, dtype="auto"):
+    """(dtype name, autocast context) for --dtype on `device`: bf16 where the GPU has
+    it, else fp16; fp32 (no autocast) on the CPU unless bf16 is asked for."""
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if dtype == "fp16" and device.type != "cuda":
+        raise UserError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
+    return dtype, torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+
+def precision(device, dtype="auto"):
+    """(dtype name, autocast context, GradScaler). The scaler is on in every dtype: its
+    unscale_ checks all gradients for inf/NaN on the device and its step() skips the
+    update when it finds one. In fp16 it also scales the loss (from 2^16, adapting);
+    in bf16 / fp32 guarded_step pins its scale at 1 (a power of two: exact)."""
+    dtype, autocast = autocast_for(device, dtype)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == "fp16" else 1.0)
+    return dtype, autocast, scaler
+
+
+def make_optimizer(params, name, lr, wd, device, momentum=0.99, nesterov=True):
+    """AdamW (AMAES, Tang et al.) or SGD with Nesterov momentum (Wald et al.); fused
+    kernels on CUDA, which also let GradScaler skip a step without a host sync."""
+    params = [p for p in params if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd, **fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **fused)
+
+
+def restore(ck, model, opt, scaler):
+    """A resumed run's model, optimiser, scaler and RNG state; returns its step (0 when ck is None)."""
+    if ck is None:
+        return 0
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"])
+    return ck["step"]
+
+
+def wrap(model, compile_, ctx):
+    """The module the loop calls: torch.compile'd on request, DDP across processes."""
+    net = torch.compile(model) if compile_ else model
+    if ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[ctx.local] if ctx.cuda else None)
+    return net
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def guarded_step(loss, opt, scaler, grad_clip=0.0, fp16=False):
+    """backward, unscale, optional clip, step, zero_grad. Returns a 0-d bool tensor on
+    the device: True when the step was skipped because the loss or a gradient, or the
+    gradients' total norm, was not finite (after DDP's all-reduce, so every rank
+    agrees). No host sync: the caller reads the flags at log steps (Interval)."""
+    scaler.scale(loss).backward()
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # of the scaled gradients
+    # Finite gradients whose norm overflows must skip the step too: mark one gradient
+    # (adding NaN or 0), so that unscale_'s inf/NaN check sees it.
+    grads[0].add_(torch.where(torch.isfinite(norm), 0.0, float("nan")).to(grads[0].dtype))
+    scaler.unscale_(opt)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    scaler.step(opt)  # skipped on the device when unscale_ found inf/NaN
+    scaler.update(None if fp16 else 1.0)  # fp16: adapt the scale; bf16 / fp32: keep it at 1
+    opt.zero_grad(set_to_none=True)
+    return ~torch.isfinite(norm)
+
+
+class Interval:
+    """The current log interval, accumulated without host syncs (device tensors for
+    the loss, host clocks for the time) and read once per log step; also the
+    epoch's progress bar. It follows the skipped-step flags, so --max-bad-steps
+    skipped steps in a row stop the run. In fp16 the GradScaler skips steps of its own
+    while it finds its scale (each halves it, 2^16 down to 1 in 16 steps), so fp16
+    allows 16 more."""
+
+    def __init__(self, ctx, max_bad, fp16=False):
+        self.ctx, self.max_bad = ctx, max_bad + (16 if fp16 else 0)
+        self.bad_run, self.stop_at, self.pending, self.bar = 0, None, [], None
+        self.restart()
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.ctx.device)
+        self.n = torch.zeros((), device=self.ctx.device)
+        self.steps, self.wait, self.time, self.parts = 0, 0.0, 0.0, {}
+
+    def restart(self):
+        """Start the step clock anew (after validation or saving, which are not steps)."""
+        self.tick = self.t_data = time.perf_counter()
+
+    def add(self, step, loss, skipped, parts=None):
+        """After the optimiser step `step` (0-based): its loss, skipped flag and loss parts."""
+        ok = ~skipped
+        self.loss += torch.where(ok, loss.detach().float(), 0.0)
+        self.n += ok
+        self.pending.append((step, skipped))
+        now = time.perf_counter()
+        self.steps, self.wait, self.time = self.steps + 1, self.wait + self.t_data - self.tick, self.time + now - self.tick
+        self.tick, self.parts = now, {k: v.detach() for k, v in (parts or {}).items()}
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def skipped_steps(self):
+        """Resolve the pending flags (one sync): the skipped step numbers, in order.
+        Sets stop_at to the step where --max-bad-steps in a row was first reached."""
+        if not self.pending:
+            return []
+        flags = torch.stack([f for _, f in self.pending]).tolist()
+        out = []
+        for (s, _), bad in zip(self.pending, flags):
+            self.bad_run = self.bad_run + 1 if bad else 0
+            if bad:
+                out.append(s)
+            if self.bad_run >= self.max_bad and self.stop_at is None:
+                self.stop_at = s
+        self.pending = []
+        return out
+
+    def check(self, log, ckpt, saved_step):
+        """Log the steps skipped since the last check (one host sync); StopRun, naming
+        the checkpoint to resume from, when --max-bad-steps came in a row."""
+        for s in self.skipped_steps():
+            log({"step": s, "skipped": "non-finite loss or gradients"})
+            self.ctx.say(f"step {s}: non-finite loss or gradients, step skipped")
+        if self.stop_at is not None:
+            raise stopped(self.stop_at, f"{self.max_bad} steps in a row had a non-finite loss or gradients "
+                          "(each was skipped: the weights are untouched)", ckpt, saved_step)
+
+    def row(self, samples_per_step):
+        """The log line of the interval (losses all-reduced), then a fresh interval."""
+        loss_sum, n = all_sum(self.ctx, self.loss, self.n)
+        row = {"loss": loss_sum / n if n else None,
+               "samples_per_s": round(samples_per_step * self.steps / max(self.time, 1e-9), 2),
+               "data_wait": round(self.wait / max(self.time, 1e-9), 4),
+               "peak_gb": round(torch.cuda.max_memory_allocated(self.ctx.device) / 2 ** 30, 2) if self.ctx.cuda else None}
+        row.update({k: float(v) for k, v in self.parts.items()})
+        if self.bar is not None and row["loss"] is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+        self.reset()
+        return row
+
+
+def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
+    """The training loop's steps, as facebookresearch/mae's log_every: yields (step,
+    epoch, batch) from `step` to `total`, the batch's tensors on the device. Keeps a
+    tqdm bar per epoch (rank 0) in the meter and records when the batch was ready,
+    so the meter knows how long the loop waited for data."""
+    batches = iter(loader)
+    meter.restart()
+    while step < total:
+        epoch = step // steps_per_epoch
+        if meter.bar is None and not quiet and meter.ctx.master:
+            meter.bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch),
+                             initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch}", leave=False)
+        batch = [t.to(meter.ctx.device, non_blocking=True) for t in next(batches)]
+        meter.t_data = time.perf_counter()
+        yield step, epoch, batch
+        step += 1
+        if meter.bar is not None and (step % steps_per_epoch == 0 or step == total):
+            meter.bar.close()
+            meter.bar = None
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and logs
+
+def non_finite(state):
+    """Names of the floating tensors of a state dict that hold inf or NaN."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def save_checkpoint(state, path, keep_prev=True):
+    """Write `state` (a dict with "model" or "encoder" weights) to `path` atomically
+    (temp file, fsync, rename), keeping the file it replaces as <name>_prev.pt.
+    Weights that are not all finite are refused (StopRun) and nothing is written. The
+    older _prev file is removed first, so the run needs room for two checkpoints."""
+    bad = non_finite(state.get("model") or state.get("encoder"))
+    if bad:
+        raise StopRun(f"the weights became non-finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                      f"not saved over {path}")
+    prev = path.with_name(path.stem + "_prev" + path.suffix) if keep_prev else None
+    if prev is not None:
+        prev.unlink(missing_ok=True)
+    try:
+        write_atomic(path, lambda p: torch.save(state, p), keep=prev)
+    except OSError as e:
+        raise StopRun(f"could not write {path} ({e.strerror or e}); free space on that disk or use another --out") from None
+
+
+def save_all(ctx, saves):
+    """Rank 0 writes each (state, path, keep_prev) with save_checkpoint; every rank
+    learns whether that worked (StopRun on all of them if not), so no rank is left
+    waiting in a collective for one that stopped."""
+    err = ""
+    if ctx.master:
+        try:
+            for state, path, keep_prev in saves:
+                save_checkpoint(state, path, keep_prev)
+        except StopRun as e:
+            err = str(e)
+    if all_sum(ctx, bool(err))[0]:
+        raise StopRun(err or "rank 0 could not write its checkpoint")
+
+
+def stopped(step, why, ckpt, saved_step):
+    """The StopRun of a run that stops at `step`, naming the checkpoint to resume from."""
+    hint = (f"Resume from {ckpt} (step {saved_step}, finite weights) with --resume, adding --grad-clip 1 or --dtype fp32 "
+            "if it diverged" if saved_step is not None else "No checkpoint was written yet: start the run again")
+    return StopRun(f"stopped at step {step}: {why}. {hint}")
+
+
+def open_run(out, a, ck, step, ctx):
+    """Rank 0 makes the run folder and writes args.json; on resume it trims the log
+    (lines a killed run wrote after its checkpoint are redone). Returns log(row),
+    which appends a line on rank 0 and does nothing elsewhere."""
+    if ctx.master:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(out / "args.json", vars(a))
+        if ck is not None:
+            trim_log(out / "log.jsonl", step)
+    return (lambda row: append_log(out / "log.jsonl", row)) if ctx.master else (lambda row: None)
+
+
+def trim_log(path, step):
+    """On resume: keep the log lines up to `step` (later ones are redone), drop a
+    line a killed run left half-written, rewrite atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(ln)
+    write_atomic(path, lambda p: p.write_text("".join(ln + "\n" for ln in keep)))
+
+
+def append_log(path, row):
+    """One JSON line (NaN and Infinity written as null)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(clean_json(row), allow_nan=False) + "\n")
+
+
+# -----------------------------------------------------------------------------
+
+def run_main(prog, train, a):
+    """Run train(a); exit status 0 done, 1 stopped (StopRun: one line), 2 user error
+    (one line). Anything else is a bug and keeps its traceback (exit 1)."""
+    say = os.environ.get("RANK", "0") == "0"  # every rank stops alike; rank 0 says why
+    try:
+        train(a)
+        return 0
+    except UserError as e:
+        if say:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except StopRun as e:
+        if say:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        teardown()
+
