@@ -1,34 +1,46 @@
 """
 Datasets, patch sampling, the AMAES augmentation recipe, masking and few-shot splits.
 
-    from data import PretrainDataset, SegDataset, StepSampler, random_mask, read_dataset
+    from data import PretrainDataset, StepSampler, augment_batch, random_mask
     ds = PretrainDataset("demo/preprocessed", patch=128, preset="all", seed=0)
-    loader = DataLoader(ds, batch_size=8, sampler=StepSampler(start_step=0, steps=1000, batch=8),
-                        num_workers=8)
-    for inp, target in loader:            # (B, C, P, P, P) each, on the CPU
-        inp, mask = random_mask(inp.cuda())  # masking happens on the device, no gradients
+    loader = DataLoader(ds, batch_size=8, sampler=StepSampler(0, 1000, 8), num_workers=8)
+    for region, k in loader:                          # (B, C, 181, 181, 181) float16, sample numbers
+        inp, target = augment_batch(ds, region.cuda(), k)   # (B, C, 128, 128, 128) each, on the GPU
+        inp, mask = random_mask(inp)                  # masking on the device, no gradients
 
-Randomness: sample number k (0, 1, 2, ...) is a pure function of (seed, k): which case
-(each pass over the data is a seeded permutation), where the patch lies, and every
-augmentation draw come from numpy's default_rng([seed, k]). The training scripts give
-rank r of W at step s the numbers k = (s * W + r) * batch + b (StepSampler), so ranks
-and workers never draw the same augmentation, a rerun gives the same samples, and
-resume continues at the next step without replaying a batch, whatever the number of
-DataLoader workers. StepSampler is the distributed sampler: torch's DistributedSampler
-would hand out the same indices 0..n-1 every epoch and so repeat every augmentation.
+The data path is the authors' (Munk et al. 2024, github.com/asbjrnmunk/amaes with Yucca
+1.1.7), step by step:
+  pretraining  crop-pad a 181^3 region (get_max_rotated_size(128)): along an axis
+               shorter than 181 the whole axis, centred and padded with the volume
+               minimum; along a longer one a uniform start. Then the spatial rows on
+               coordinates centred on (181 - 1) / 2, cubic B-spline interpolation
+               (order 3, scipy's map_coordinates with its prefilter, outside = the
+               minimum) of the centre 128^3 -- on every sample, transformed or not,
+               so even the plain centre crop is read at half-voxel positions. That
+               patch is the target; the intensity rows make the input. `mae` (no
+               augmentation) crop-pads 128^3 directly, no resampling.
+  finetuning   crop-pad 128^3, with p 0.33 around a foreground voxel drawn from one
+               pooled list (every 10th labelled voxel, all classes together) so that
+               it lands anywhere in the patch; then the spatial rows on the patch
+               itself (identity coordinates are integers: no resampling when nothing
+               fires), labels nearest (outside = 0). The from-scratch `all` preset
+               leaves out the clip to the input range (Yucca's default there).
+The workers only read and crop-pad (float16, a few ms). The rows run afterwards,
+batched on the training device (augment_batch), or per sample in the workers
+(--aug-on workers), or in any TorchIO pipeline (the Amaes* transforms): the same
+torch functions in every case. Every random choice of sample k -- the case, the crop,
+each row's parameters and the noise fields -- is a pure function of (seed, k): the
+noise comes from a counter-based generator (hash of key and voxel index) that gives
+the same numbers on every device. So a sample does not depend on the driver, the
+device (beyond float rounding), the worker count, or a resume.
 
-Augmentation presets (Munk et al. 2024 and their Yucca transforms; probabilities per sample):
+Presets (probabilities per sample, the authors' values in RECIPE):
   none     crop only (plain MAE)
   spatial  rotation (p 0.2, then 0.66 per axis, +-30 deg), scaling (p 0.2, 0.9..1.1)
-           (the finetuning preset)
-  all      elastic (p 0.33) + the spatial rows, then on the input only and in this
-           order: additive noise, blur, multiplicative noise, ghosting, Gibbs ringing,
-           low resolution, bias field, gamma; each result clipped to its input's range.
-The spatial rows are one resampling: rotation, scaling and the elastic field are
-composed into a single coordinate grid and applied with one trilinear grid_sample
-(nearest for labels), reading from the memory-mapped volume only the box the grid
-touches. That replaces the authors' crop-181^3-then-transform pipeline with the same
-geometry at a fraction of the cost (README: speed).
+  all      elastic (p 0.33) + the spatial rows, then on the input only, in this order:
+           additive noise, blur, multiplicative noise, ghosting, Gibbs ringing, low
+           resolution, bias field, gamma; each clipped to its input's range in
+           pretraining (clip=False for the from-scratch finetuning preset).
 """
 import json
 import math
@@ -38,9 +50,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchio as tio
-from scipy import ndimage
+from torchio.transforms import IntensityTransform, SpatialTransform
+from torchio.transforms.augmentation import RandomTransform
 
 PRESETS = ("none", "spatial", "all")
+
+# The authors' recipe (amaes src/augmentations/augmentation_composer.py, Yucca 1.1.7
+# defaults): probabilities and ranges, one plain dict.
+RECIPE = dict(
+    elastic=0.33, elastic_alpha=(200.0, 600.0), elastic_sigma=(20.0, 30.0),
+    rotation=0.2, rotation_axis=0.66, rotation_deg=30.0, scale=0.2, scale_range=(0.9, 1.1), mirror=0.0,
+    additive_noise=0.2, noise_sigma=(1e-4, 1e-3), blur=0.2, blur_channel=0.5, blur_sigma=(0.0, 1.0),
+    multiplicative_noise=0.2, ghosting=0.2, ghost_alpha=(0.85, 0.95), ghost_reps=(2, 10),
+    gibbs=0.2, gibbs_keep=(96, 128), low_resolution=0.2, lowres_channel=0.5, lowres_axis=0.33, lowres_zoom=(0.5, 1.0),
+    bias_field=0.33, gamma=0.2, gamma_invert=0.05, gamma_low=(0.5, 1.0), gamma_high=(1.0, 2.0),
+)
+SPATIAL_ROWS = ("elastic", "rotation", "scale", "mirror")
+INTENSITY_ROWS = ("additive_noise", "blur", "multiplicative_noise", "ghosting", "gibbs", "low_resolution", "bias_field", "gamma")
 
 
 # -----------------------------------------------------------------------------
@@ -76,11 +102,10 @@ def select_few_shot(train_cases, n, seed):
     return sorted(rng.choice(cases, size=n, replace=False).tolist())
 
 
-# -----------------------------------------------------------------------------
-# Sampling order
-
 class StepSampler(torch.utils.data.Sampler):
-    """Sample numbers for rank `rank` of `world`: step s, slot b -> (s * world + rank) * batch + b."""
+    """Sample numbers for rank `rank` of `world`: step s, slot b -> (s * world + rank) * batch + b.
+    torch's DistributedSampler would hand out 0..n-1 every epoch and so repeat every
+    augmentation; here each sample number is new, and a resumed run starts at its step."""
 
     def __init__(self, start_step, steps, batch, rank=0, world=1):
         self.start, self.steps, self.batch, self.rank, self.world = start_step, steps, batch, rank, world
@@ -95,216 +120,603 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# Spatial augmentation: one coordinate grid, one resampling
+# Random numbers that are the same on every device
 
-def spatial_params(rng, preset):
-    """Draw the spatial rows. Returns {} when nothing fires."""
-    p = {}
-    if preset == "all" and rng.random() < 0.33:
-        p["elastic"] = (rng.uniform(200, 600), rng.uniform(20, 30))  # alpha, sigma (voxels)
-    if preset in ("spatial", "all"):
-        if rng.random() < 0.2:
-            p["rotation"] = [rng.uniform(-30, 30) if rng.random() < 0.66 else 0.0 for _ in range(3)]
-        if rng.random() < 0.2:
-            p["scale"] = rng.uniform(0.9, 1.1)
+M32 = 0xFFFFFFFF
+
+
+def key_of(*ints):
+    """A 64-bit key from a tuple of non-negative ints (numpy's SeedSequence mixing)."""
+    a, b = np.random.SeedSequence([int(i) for i in ints]).generate_state(2)
+    return int(a) | int(b) << 32
+
+
+def _mul32(x, c):  # (x * c) mod 2^32 for 32-bit x in int64, without overflowing int64
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def _hash32(x):  # Chris Wellons' lowbias32: a well-mixed 32-bit integer hash
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(key, shape, device="cpu"):
+    """U(0, 1] float32 numbers: number i is hash(hash(i ^ low 32 bits of key) ^ high
+    32 bits) -- a counter-based generator, so CPU and GPU give the same numbers."""
+    i = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    x = _hash32(_hash32(i ^ (key & M32)) ^ (key >> 32 & M32))
+    return ((x >> 8) + 1).float().mul_(2.0 ** -24).view(shape)
+
+
+def normal(key, shape, device="cpu"):
+    """N(0, 1) float32 numbers (Box-Muller on two uniform streams), the same on every device."""
+    u1, u2 = uniform(key_of(key & M32, key >> 32, 1), shape, device), uniform(key_of(key & M32, key >> 32, 2), shape, device)
+    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+# -----------------------------------------------------------------------------
+# The parameters of one sample: plain numbers, drawn from numpy's default_rng
+
+def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
+    """Every augmentation parameter of sample k: {"key", "clip", "spatial": {...},
+    "intensity": {row: per-channel (or per-sample) parameters or None}}. Rows that do
+    not fire are left out. The draws follow the authors' structure: per sample, then
+    per channel (and per axis) where their transforms draw so."""
+    rng = np.random.default_rng([seed, k, 1])
+    r = recipe
+    p = {"key": key_of(seed, k, 2), "clip": clip, "spatial": {}, "intensity": {}}
+    if preset == "none":
+        return p
+    sp = p["spatial"]
+    if preset == "all" and rng.random() < r["elastic"]:
+        sp["elastic"] = [rng.uniform(*r["elastic_alpha"]), rng.uniform(*r["elastic_sigma"])]
+    if rng.random() < r["rotation"]:
+        angles = [rng.uniform(-r["rotation_deg"], r["rotation_deg"]) if rng.random() < r["rotation_axis"] else 0.0 for _ in range(3)]
+        if any(angles):
+            sp["rotation"] = angles
+    if rng.random() < r["scale"]:
+        sp["scale"] = rng.uniform(*r["scale_range"])
+    if r["mirror"] and rng.random() < r["mirror"]:
+        sp["mirror"] = [bool(rng.random() < 0.5) for _ in range(3)]
+    if preset != "all":
+        return p
+    it = p["intensity"]
+
+    def per_channel(prob, draw):  # over the channels, None where the row does not fire
+        vals = [draw() if rng.random() < prob else None for _ in range(channels)]
+        return vals if any(v is not None for v in vals) else None
+
+    def put(row, value):
+        if value is not None:
+            it[row] = value
+
+    put("additive_noise", per_channel(r["additive_noise"], lambda: rng.uniform(*r["noise_sigma"])))
+    if rng.random() < r["blur"]:
+        sigma = rng.uniform(*r["blur_sigma"])  # one per sample, then p 0.5 per channel
+        put("blur", per_channel(r["blur_channel"], lambda: sigma))
+    put("multiplicative_noise", per_channel(r["multiplicative_noise"], lambda: rng.uniform(*r["noise_sigma"])))
+    put("ghosting", per_channel(r["ghosting"], lambda: [rng.uniform(*r["ghost_alpha"]),
+                                                        int(rng.integers(r["ghost_reps"][0], r["ghost_reps"][1] + 1)),
+                                                        int(rng.integers(0, 3))]))
+    put("gibbs", per_channel(r["gibbs"], lambda: [int(rng.integers(r["gibbs_keep"][0], r["gibbs_keep"][1] + 1)),
+                                                  int(rng.integers(0, 3))]))
+    if rng.random() < r["low_resolution"]:
+        def target():  # each axis zoomed with p 0.33; a channel whose axes all stay is left as it is (Yucca)
+            z = rng.uniform(*r["lowres_zoom"])
+            return [round(n * z) if rng.random() < r["lowres_axis"] else n for n in patch]
+        put("low_resolution", per_channel(r["lowres_channel"], target))
+    put("bias_field", per_channel(r["bias_field"], lambda: [int(rng.integers(0, n)) for n in patch]))
+    if rng.random() < r["gamma"]:
+        invert = bool(rng.random() < r["gamma_invert"])
+        it["gamma"] = [rng.uniform(*r["gamma_low"]) if rng.random() < 0.5 else rng.uniform(*r["gamma_high"]), invert]
     return p
 
 
-def elastic_field(rng, shape, alpha, sigma, coarse=8):
-    """Displacement (3, *shape) in voxels with the statistics of the authors' form,
-    gaussian_filter(U(-1, 1) noise, sigma) * alpha, computed on a grid `coarse` times
-    smaller: white noise on a grid f times coarser, scaled by f^-1.5, filtered with
-    sigma / f has the same variance and correlation length; a trilinear upsampling of
-    so smooth a field loses nothing (sigma / f >= 2.5 coarse voxels)."""
-    cshape = [max(2, math.ceil(s / coarse)) for s in shape]
-    out = []
-    for _ in range(3):
-        noise = rng.uniform(-1, 1, cshape) * coarse ** -1.5
-        out.append(ndimage.gaussian_filter(noise, sigma / coarse, mode="constant", cval=0) * alpha)
-    field = torch.from_numpy(np.stack(out).astype(np.float32))[None]
-    return F.interpolate(field, size=tuple(shape), mode="trilinear", align_corners=True)[0]
+# -----------------------------------------------------------------------------
+# Resampling: cubic B-splines as scipy.ndimage, in torch, on any device
 
+Z3 = math.sqrt(3) - 2  # the pole of the cubic B-spline prefilter
+
+
+def bspline_prefilter(x, dim):
+    """Cubic B-spline coefficients along `dim` with mirror boundaries, as scipy's
+    spline_filter1d (order 3, mode 'mirror', which map_coordinates's 'constant' mode
+    uses too): the causal then anti-causal recursion of Unser et al. (1993)."""
+    dim = dim % x.dim()
+    y = x.movedim(dim, 0).clone()
+    n = y.shape[0]
+    if n == 1:
+        return x.clone()
+    horizon = min(n, 30)  # |z|^30 < 1e-17: the mirrored initial sum is exact in float
+    zk = torch.tensor([Z3 ** i for i in range(horizon)], dtype=y.dtype, device=y.device).view(-1, *[1] * (y.dim() - 1))
+    y[0] = (zk * y[:horizon]).sum(0)
+    for i in range(1, n):
+        y[i] += Z3 * y[i - 1]
+    y[n - 1] = (Z3 / (Z3 * Z3 - 1)) * (y[n - 1] + Z3 * y[n - 2])
+    for i in range(n - 2, -1, -1):
+        y[i] = Z3 * (y[i + 1] - y[i])
+    return (y * 6).movedim(0, dim)
+
+
+def bspline_weights(t):
+    """Weights of the 4 coefficients at offsets -1, 0, 1, 2 for fractional positions t: (4, *t.shape)."""
+    t2, t3 = t * t, t * t * t
+    return torch.stack([(1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3]) / 6
+
+
+def mirror_index(i, n):
+    """Index i reflected into [0, n) without repeating the edge (scipy's 'mirror')."""
+    if n == 1:
+        return torch.zeros_like(i)
+    p = 2 * (n - 1)
+    i = i.abs() % p
+    return torch.where(i > n - 1, p - i, i)
+
+
+def taps(pos, n, order, mode="mirror"):
+    """Indices and weights (order + 1 taps, or 1 for order 0) of 1-D interpolation at
+    positions `pos` (float tensor) on an axis of n samples. mode 'mirror' reflects
+    taps beyond the edge; 'edge' clamps them."""
+    if order == 0:
+        return torch.floor(pos + 0.5).long().clamp(0, n - 1)[None], torch.ones_like(pos)[None]
+    f = torch.floor(pos)
+    t = pos - f
+    f = f.long()
+    if order == 1:
+        idx, w = torch.stack([f, f + 1]), torch.stack([1 - t, t])
+    else:
+        idx, w = f + torch.arange(-1, 3, device=pos.device).view(-1, *[1] * pos.dim()), bspline_weights(t)
+    return (mirror_index(idx, n) if mode == "mirror" else idx.clamp(0, n - 1)), w
+
+
+def resample_axis(x, dim, pos, order, mode="mirror", prefiltered=False):
+    """x interpolated along `dim` at positions pos (1-D): the other axes untouched.
+    prefiltered: x already holds cubic B-spline coefficients along `dim`."""
+    n = x.shape[dim]
+    if order == 3 and not prefiltered:
+        if mode == "edge":  # scipy pads 12 edge values before prefiltering with mirror ends
+            x = torch.cat([x.narrow(dim, 0, 1).expand(*x.shape[:dim], 12, *x.shape[dim + 1:]), x,
+                           x.narrow(dim, n - 1, 1).expand(*x.shape[:dim], 12, *x.shape[dim + 1:])], dim)
+            pos, n, mode = pos + 12, n + 24, "mirror"
+        x = bspline_prefilter(x, dim)
+    idx, w = taps(pos, n, order, mode)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    out = 0
+    for i, wi in zip(idx, w):
+        out = out + x.index_select(dim, i) * wi.view(shape).to(x.dtype)
+    return out
+
+
+def resize(x, shape, order=3, mode="mirror"):
+    """skimage.transform.resize's values for the last len(shape) axes of a tensor:
+    output voxel o reads (o + 0.5) * n_in / n_out - 0.5, cubic B-spline (order 3),
+    linear or nearest, computed axis by axis (a tensor-product spline evaluated on a
+    grid factorises: 4 taps per axis instead of 64 per voxel), output clipped to the
+    input's range. No anti-aliasing here (preprocess.resize adds skimage's)."""
+    lead = x.dim() - len(shape)
+    lo, hi = x.amin(), x.amax()
+    for d, n in enumerate(shape):
+        if n != x.shape[lead + d]:
+            pos = (torch.arange(n, dtype=torch.float64, device=x.device) + 0.5) * (x.shape[lead + d] / n) - 0.5
+            x = resample_axis(x, lead + d, pos.to(x.dtype), order, mode)
+    return x.clamp(lo, hi) if order else x
+
+
+def cubic_sample(coef, coords, cval, chunk=1 << 18):
+    """scipy.ndimage.map_coordinates(order=3, mode='constant') on prefiltered
+    coefficients coef (X, Y, Z) at coords (3, N): the 4^3 tap weighted sum, mirrored
+    coefficients past the edges, cval for points outside [0, n - 1]. Returns (N,)."""
+    n = coef.shape
+    flat = coef.reshape(-1)
+    out = torch.empty(coords.shape[1], dtype=coef.dtype, device=coef.device)
+    size = torch.tensor(n, device=coef.device).view(3, 1) - 1
+    for s in range(0, coords.shape[1], chunk):
+        p = coords[:, s:s + chunk]
+        idx, w = zip(*[taps(p[d], n[d], 3) for d in range(3)])  # each (4, m)
+        i01 = (idx[0][:, None] * n[1] + idx[1][None]) * n[2]  # (4, 4, m)
+        w01 = w[0][:, None] * w[1][None]
+        acc = 0
+        for a in range(4):
+            for b in range(4):
+                acc = acc + w01[a, b] * (flat[i01[a, b][None] + idx[2]] * w[2]).sum(0)
+        inside = ((p >= 0) & (p <= size)).all(0)
+        out[s:s + chunk] = torch.where(inside, acc, cval)
+    return out
+
+
+def linear_sample(vol, coords, cval, order):
+    """map_coordinates(order=1 or 0, mode='constant') of vol (X, Y, Z) at coords (3, N):
+    trilinear, or the nearest voxel (floor(x + 0.5), as scipy rounds)."""
+    n = vol.shape
+    inside = ((coords >= 0) & (coords <= torch.tensor(n, device=vol.device).view(3, 1) - 1)).all(0)
+    if order == 0:
+        i = [torch.floor(coords[d] + 0.5).long().clamp(0, n[d] - 1) for d in range(3)]
+        val = vol[i[0], i[1], i[2]]
+    else:  # grid_sample: (x, y, z) = (last, middle, first) axis, normalised to [-1, 1]
+        g = (coords / (torch.tensor(n, device=vol.device, dtype=coords.dtype).view(3, 1) - 1).clamp(min=1) * 2 - 1)
+        val = F.grid_sample(vol[None, None], g.flip(0).T.view(1, 1, 1, -1, 3).to(vol.dtype), mode="bilinear",
+                            align_corners=True).view(-1)
+    return torch.where(inside, val, torch.as_tensor(cval, dtype=vol.dtype, device=vol.device))
+
+
+# -----------------------------------------------------------------------------
+# The spatial rows: one coordinate grid, one resampling
 
 def rotation_matrix(angles_deg):
+    """Yucca's rotation: I . Rx . Ry . Rz (an axis whose angle is 0 is left out)."""
     ax, ay, az = np.deg2rad(angles_deg)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
     rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    return rx @ ry @ rz
 
 
-def patch_grid(centre, patch, params, rng):
-    """Where in the volume each voxel of the output patch comes from: voxel coordinates
-    (3, *patch) with rotation, scaling and the elastic field composed, or None when
-    no spatial row fired (a plain crop). Computed once per sample, so an image and
-    its label share it."""
-    if not params:
-        return None
-    # voxel offsets of the output grid from its centre: (3, P, P, P)
-    g = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch], indexing="ij"))
-    m = np.eye(3)
-    if "rotation" in params:
-        m = rotation_matrix(params["rotation"]) @ m
-    if "scale" in params:
-        m = m * params["scale"]
-    coords = torch.einsum("ij,j...->i...", torch.from_numpy(m).float(), g)
+def gaussian_fft(x, sigma, dim):
+    """scipy.ndimage.gaussian_filter1d(x, sigma, mode='constant', cval=0) along dim
+    (truncate 4), as a zero-padded linear convolution by FFT: exact, and cheap at the
+    large sigmas of the elastic field (20-30 voxels, 201-tap kernels)."""
+    r = int(4 * sigma + 0.5)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64, device=x.device) / sigma) ** 2)
+    k = (k / k.sum()).to(x.dtype)
+    n = x.shape[dim]
+    nfft = 1 << (n + 2 * r - 1).bit_length()
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    y = torch.fft.irfft(torch.fft.rfft(x, n=nfft, dim=dim) * torch.fft.rfft(k, n=nfft).view(shape), n=nfft, dim=dim)
+    return y.narrow(dim, r, n)
+
+
+def spatial_coords(params, patch, centre, key, device):
+    """Where each voxel of the output patch reads the input, in Yucca's order:
+    zero-centred grid ((P - 1) / 2), + elastic displacement (gaussian_filter of
+    U(-1, 1) noise, times alpha, per axis), rotated (coords^T . R), scaled, + the
+    region's centre (n / 2 - 0.5). Returns (3, *patch), or per-axis 1-D positions
+    [(P0,), (P1,), (P2,)] when the transform keeps the grid axis-aligned (no elastic,
+    no rotation): then the resampling factorises axis by axis."""
+    axes = [(torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2) * params.get("scale", 1.0) for p in patch]
+    if "elastic" not in params and "rotation" not in params:
+        return [a + c for a, c in zip(axes, centre)]
+    g = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2 for p in patch],
+                                   indexing="ij"))
     if "elastic" in params:
-        coords = coords + elastic_field(rng, patch, *params["elastic"])
-    return coords + torch.tensor(np.asarray(centre) - 0.5, dtype=torch.float32).view(3, 1, 1, 1)
+        alpha, sigma = params["elastic"]
+        for d in range(3):
+            noise = uniform(key_of(key & M32, key >> 32, 10 + d), patch, device) * 2 - 1
+            for ax in range(3):
+                noise = gaussian_fft(noise, sigma, ax)
+            g[d] += noise * alpha
+    if "rotation" in params:
+        g = torch.einsum("ij,i...->j...", torch.tensor(rotation_matrix(params["rotation"]), dtype=torch.float32, device=device), g)
+    g = g * params.get("scale", 1.0)
+    return g + torch.tensor(centre, dtype=torch.float32, device=device).view(3, 1, 1, 1)
 
 
-def read_patch(vol, centre, patch, coords, order="linear"):
-    """A patch of `vol` ((C, X, Y, Z) array, memory-mapped): the integer box around
-    `centre` when coords is None, else `vol` resampled at `coords` (patch_grid).
-    Outside the volume = the volume minimum, which is the background (0 after
-    preprocessing). Returns a float32 tensor (C, *patch)."""
-    if coords is None:  # pure crop: integer box, padded
-        lo = np.floor(np.asarray(centre) - np.array(patch) / 2).astype(int)
-        src = tuple(slice(max(a, 0), min(a + p, n)) for a, p, n in zip(lo, patch, vol.shape[1:]))
-        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
-        out = np.zeros((vol.shape[0], *patch), np.float32)
-        out[(slice(None),) + dst] = vol[(slice(None),) + src]
-        return torch.from_numpy(out)
-    # read only the box the grid touches
-    lo = [max(int(math.floor(coords[i].min())) - 1, 0) for i in range(3)]
-    hi = [min(int(math.ceil(coords[i].max())) + 2, n) for i, n in enumerate(vol.shape[1:])]
-    if any(h <= l for l, h in zip(lo, hi)):
-        return torch.zeros((vol.shape[0], *patch))
-    box = torch.from_numpy(np.ascontiguousarray(vol[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32))
-    # grid_sample wants (x, y, z) = (last, middle, first) axis, normalised to [-1, 1]
-    size = torch.tensor([h - l for l, h in zip(lo, hi)], dtype=torch.float32).view(3, 1, 1, 1)
-    norm = (coords - torch.tensor(lo, dtype=torch.float32).view(3, 1, 1, 1)) / (size - 1).clamp(min=1) * 2 - 1
-    grid = norm.flip(0).permute(1, 2, 3, 0)[None]  # (1, P, P, P, 3)
-    vmin = box.min()
-    out = F.grid_sample((box - vmin)[None], grid, mode="bilinear" if order == "linear" else "nearest",
-                        padding_mode="zeros", align_corners=True)[0]
-    return out + vmin
+def prefilter3(x):
+    """Cubic B-spline coefficients of (..., X, Y, Z) along its last three axes."""
+    return bspline_prefilter(bspline_prefilter(bspline_prefilter(x, -3), -2), -1)
 
 
-def sample_patch(vol, centre, patch, params, rng, order="linear"):
-    """read_patch at the grid of the spatial transform `params` (spatial_params)."""
-    patch = tuple(patch)
-    return read_patch(vol, centre, patch, patch_grid(centre, patch, params, rng), order)
+def spatial(x, params, patch, order=3, cval=None, label=None, clip=False, coef=None):
+    """The spatial rows of one sample: x (C, R0, R1, R2) -> (C, *patch) resampled at
+    spatial_coords (centred on the region's centre), with the authors' cubic B-spline
+    (order 3; 1 = trilinear, a faster deviation), outside = cval (default: the
+    sample's minimum), clipped to the input's range with clip (pretraining); label
+    (R0, R1, R2) -> (*patch) nearest, outside 0. coef: prefilter3(x) when the caller
+    has it (augment_batch prefilters a whole batch at once). Mirroring (Wald et al.'s
+    recipe) flips the output."""
+    centre = [n / 2 - 0.5 for n in x.shape[1:]]
+    lo, hi = x.amin(), x.amax()
+    cval = lo if cval is None else cval
+    coords = spatial_coords(params, patch, centre, params.get("_key", 0), x.device)
+    if isinstance(coords, list):  # axis-aligned: 1-D resampling per axis, exact and cheap
+        out, inside = (x if coef is None or order != 3 else coef), True
+        for d, pos in enumerate(coords):
+            out = resample_axis(out, d + 1, pos, order, prefiltered=coef is not None)
+            ok = (pos >= 0) & (pos <= x.shape[d + 1] - 1)
+            inside = inside & ok.view([-1 if i == d else 1 for i in range(3)])
+        out = torch.where(inside, out, cval)
+        lab = None
+        if label is not None:
+            lab = label
+            for d, pos in enumerate(coords):
+                lab = lab.index_select(d, torch.floor(pos + 0.5).long().clamp(0, label.shape[d] - 1))
+            lab = torch.where(inside, lab, torch.zeros((), dtype=label.dtype, device=label.device))
+    else:
+        flat = coords.reshape(3, -1)
+        if order == 3:
+            coef = prefilter3(x) if coef is None else coef
+            out = torch.stack([cubic_sample(c, flat, cval).view(patch) for c in coef])
+        else:
+            out = torch.stack([linear_sample(c, flat, cval, order).view(patch) for c in x])
+        lab = linear_sample(label, flat, 0, 0).view(patch) if label is not None else None
+    if clip:
+        out = out.clamp(lo, hi)
+    if "mirror" in params:
+        dims = [d for d, m in enumerate(params["mirror"]) if m]
+        out = out.flip([d + 1 for d in dims])
+        lab = lab.flip(dims) if lab is not None else None
+    return out, lab
 
 
 # -----------------------------------------------------------------------------
-# Intensity augmentation (input only). Each function takes x (C, X, Y, Z), the rng,
-# and returns (x, params).
+# The intensity rows (input only): one torch function each, on one sample (C, X, Y, Z)
+# with that sample's parameters, in the authors' forms (Yucca 1.1.7 transforms).
 
-def additive_noise(x, rng):
-    sigma = rng.uniform(1e-4, 1e-3)  # TorchIO Noise: x + N(0, sigma)
-    return tio.Noise(mean=0.0, std=sigma, seed=int(rng.integers(2 ** 31)))(x), {"sigma": sigma}
+def _pad_reflect(x, r, dim):  # scipy's 'reflect' (d c b a | a b c d | d c b a)
+    n = x.shape[dim]
+    left = x.narrow(dim, 0, r).flip(dim)
+    right = x.narrow(dim, n - r, r).flip(dim)
+    return torch.cat([left, x, right], dim)
 
 
-def blur(x, rng):
-    sig = [rng.uniform(0, 1) if rng.random() < 0.5 else None for _ in range(len(x))]
-    for c, s in enumerate(sig):  # TorchIO Blur: scipy gaussian_filter, std in voxels (1 mm)
+def additive_noise(x, sigmas, key):
+    """x + N(0, sigma) per channel (channels whose sigma is None untouched)."""
+    for c, s in enumerate(sigmas):
         if s is not None:
-            x[c] = tio.Blur(std=s)(x[c:c + 1])[0]
-    return x, {"sigma": sig}
+            x[c] += normal(key_of(key & M32, key >> 32, 20 + c), x.shape[1:], x.device) * s
+    return x
 
 
-def multiplicative_noise(x, rng):
-    sigma = rng.uniform(1e-4, 1e-3)
-    n = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
-    return x + x * n * sigma, {"sigma": sigma}
-
-
-def ghosting(x, rng):
-    """Every r-th plane (0, r, 2r, ...) of the unshifted spectrum along a random axis times alpha."""
-    alpha, reps, axis = rng.uniform(0.85, 0.95), int(rng.integers(2, 11)), int(rng.integers(0, 3))
-    shift = min(0.0, float(x.min()))
-    k = torch.fft.fftn(x - shift, dim=(1, 2, 3))
-    idx = [slice(None)] * 4
-    idx[axis + 1] = slice(0, None, reps)
-    k[tuple(idx)] *= alpha
-    return torch.fft.ifftn(k, dim=(1, 2, 3)).abs().float() + shift, {"alpha": alpha, "reps": reps, "axis": axis}
-
-
-def gibbs(x, rng):
-    """Keep only the central n frequencies (n in 96..128, at most the side) along a random axis."""
-    axis = int(rng.integers(0, 3))
-    side = x.shape[axis + 1]
-    n = min(int(rng.integers(96, 129)), side)
-    k = torch.fft.fftshift(torch.fft.fftn(x, dim=(1, 2, 3)), dim=axis + 1)
-    keep = torch.zeros(side, dtype=torch.bool)
-    start = (side - n) // 2
-    keep[start:start + n] = True
-    shape = [1, 1, 1, 1]
-    shape[axis + 1] = side
-    k = k * keep.view(shape)
-    return torch.fft.ifftn(torch.fft.ifftshift(k, dim=axis + 1), dim=(1, 2, 3)).abs().float(), {"axis": axis, "n": n}
-
-
-def low_resolution(x, rng):
-    """Per channel (p 0.5): nearest-neighbour down to zoom U(0.5, 1) along each axis
-    picked with p 0.33 (all axes when none is picked), cubic back up."""
-    zooms = []
-    for c in range(len(x)):
-        if rng.random() >= 0.5:
-            zooms.append(None)
+def blur(x, sigmas, key=None):
+    """scipy.ndimage.gaussian_filter(x_c, sigma) per channel (mode 'reflect', truncate 4)."""
+    for c, s in enumerate(sigmas):
+        if s is None or s <= 1e-15:
             continue
-        z = rng.uniform(0.5, 1.0)
-        axes = [rng.random() < 0.33 for _ in range(3)]
-        axes = axes if any(axes) else [True] * 3
-        small = [max(1, round(s * z)) if a else s for s, a in zip(x.shape[1:], axes)]
-        down = F.interpolate(x[c][None, None], size=small, mode="nearest")[0, 0].numpy()
-        up = ndimage.zoom(down, [t / s for t, s in zip(x.shape[1:], small)], order=3, grid_mode=True, mode="nearest")
-        x[c] = torch.from_numpy(up[:x.shape[1], :x.shape[2], :x.shape[3]])
-        zooms.append((z, axes))
-    return x, {"zoom": zooms}
+        r = int(4 * s + 0.5)
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / s) ** 2)
+        k = (k / k.sum()).tolist()
+        y = x[c]
+        for d in range(3):
+            p = _pad_reflect(y, r, d)
+            n = y.shape[d]
+            y = sum(w * p.narrow(d, i, n) for i, w in enumerate(k))
+        x[c] = y
+    return x
 
 
-def bias_field(x, rng):
-    """x * (1 - sum_d (i_d - c_d)^2 / n_d^2), c a random voxel: built from 1-D terms."""
-    g = torch.ones(x.shape[1:])
-    centre = [int(rng.integers(0, n)) for n in x.shape[1:]]
-    for d, (n, c) in enumerate(zip(x.shape[1:], centre)):
-        shape = [1, 1, 1]
-        shape[d] = n
-        g = g - ((torch.arange(n, dtype=torch.float32) - c) ** 2 / n ** 2).view(shape)
-    return x * g, {"centre": centre}
+def multiplicative_noise(x, sigmas, key):
+    """x + x * N(0, sigma) per channel."""
+    for c, s in enumerate(sigmas):
+        if s is not None:
+            x[c] += x[c] * normal(key_of(key & M32, key >> 32, 30 + c), x.shape[1:], x.device) * s
+    return x
 
 
-def gamma(x, rng):
-    invert = rng.random() < 0.05
-    gam = rng.uniform(0.5, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, 2.0)
+def _kspace(x, mask_along, axis):
+    """|ifft(fft(x - m) * mask)| + m with m = min(0, min x): the shape of Yucca's
+    ghosting and ringing (mask: 1-D over the unshifted frequencies of `axis`)."""
+    m = x.min().clamp(max=0)  # a tensor: no host sync on the GPU
+    k = torch.fft.fftn(x - m)
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return torch.fft.ifftn(k * mask_along.view(shape)).abs().to(x.dtype) + m
+
+
+def ghosting(x, params, key=None):
+    """Motion ghosting per channel, params [alpha, reps, axis]: the unshifted k-space
+    planes 0, r, 2r, ... (up to n - 2: Yucca's slice 0:-1:r) times alpha."""
+    for c, p in enumerate(params):
+        if p is not None:
+            alpha, reps, axis = p
+            n = x.shape[axis + 1]
+            mask = torch.ones(n, device=x.device)
+            mask[0:n - 1:reps] = alpha
+            x[c] = _kspace(x[c], mask, axis)
+    return x
+
+
+def gibbs(x, params, key=None):
+    """Gibbs ringing per channel, params [n_keep, axis]: after fftshift, all but the
+    central frequencies [ceil(n/2) - ceil(k/2), ceil(n/2) + ceil(k/2)) set to 0. As in
+    Yucca's code the drawn axis 0 acts on axis 1 and 1 on 0 (it transposes first)."""
+    for c, p in enumerate(params):
+        if p is not None:
+            keep, axis = p
+            axis = (1, 0, 2)[axis]
+            n = x.shape[axis + 1]
+            lo, hi = math.ceil(n / 2) - math.ceil(keep / 2), math.ceil(n / 2) + math.ceil(keep / 2)
+            shifted = (torch.arange(n, device=x.device) + n // 2) % n  # where each frequency lands after fftshift
+            x[c] = _kspace(x[c], ((shifted >= lo) & (shifted < hi)).to(x.dtype), axis)
+    return x
+
+
+def low_resolution(x, targets, key=None):
+    """Per channel, target shape (None = untouched): skimage resize to the target with
+    order 0, then back with order 3, both mode 'edge', no anti-aliasing (Yucca's
+    simulate_lowres)."""
+    for c, t in enumerate(targets):
+        if t is not None and list(t) != list(x.shape[1:]):
+            small = resize(x[c], t, order=0, mode="edge")
+            x[c] = resize(small, x.shape[1:], order=3, mode="edge")
+    return x
+
+
+def bias_field(x, centres, key=None):
+    """Per channel: x * (1 - sum_d (i_d - c_d)^2 / n_d^2), c a voxel: three 1-D terms."""
+    for c, centre in enumerate(centres):
+        if centre is not None:
+            g = 1.0
+            for d, (n, c0) in enumerate(zip(x.shape[1:], centre)):
+                shape = [1, 1, 1]
+                shape[d] = n
+                g = g - ((torch.arange(n, dtype=x.dtype, device=x.device) - c0) ** 2 / n ** 2).view(shape)
+            x[c] = x[c] * g
+    return x
+
+
+def gamma(x, params, key=None):
+    """params [gamma, invert] for the whole sample: ((x - min) / (range + eps)) ** gamma
+    * range + min over the sample's [min, max], inverted first with p 0.05. eps = 1:
+    Yucca 1.1.7 passes its per_channel flag (True) into augment_gamma's epsilon
+    position, so the channels share one gamma and the curve maps [0, 1] onto
+    [0, 0.5 ** gamma]. We keep that: it is what AMAES pretrained with."""
+    g, invert = params
     y = -x if invert else x
     lo, hi = y.min(), y.max()
-    rng_ = (hi - lo).clamp(min=1e-8)
-    y = ((y - lo) / rng_) ** gam * rng_ + lo
-    return (-y if invert else y), {"gamma": gam, "invert": invert}
+    y = ((y - lo) / (hi - lo + 1.0)) ** g * (hi - lo) + lo
+    return -y if invert else y
 
 
-INTENSITY = [  # (name, probability, function), applied in this order
-    ("additive_noise", 0.2, additive_noise), ("blur", 0.2, blur), ("multiplicative_noise", 0.2, multiplicative_noise),
-    ("ghosting", 0.2, ghosting), ("gibbs", 0.2, gibbs), ("low_resolution", 0.2, low_resolution),
-    ("bias_field", 0.33, bias_field), ("gamma", 0.2, gamma),
-]
+INTENSITY = {"additive_noise": additive_noise, "blur": blur, "multiplicative_noise": multiplicative_noise,
+             "ghosting": ghosting, "gibbs": gibbs, "low_resolution": low_resolution, "bias_field": bias_field, "gamma": gamma}
 
 
-def intensity_augment(x, rng):
-    """The intensity rows of `all`, in order, each clipped to its input's range."""
-    fired = {}
-    x = x.clone()  # once: the functions may work in place, the caller's tensor (the target) may not change
-    for name, p, fn in INTENSITY:
-        if rng.random() < p:
-            lo, hi = x.min(), x.max()
-            x, fired[name] = fn(x, rng)
-            x = x.clamp(lo, hi)
-    return x, fired
+def intensity(x, params, key, clip=True):
+    """The intensity rows that fired (params: row -> parameters), in the recipe's
+    order; with clip each result is clipped to its input's range (per channel, as
+    Yucca's transforms do; gamma: the sample's range)."""
+    for row in INTENSITY_ROWS:
+        if row in params:
+            lo = x.amin(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.min()
+            hi = x.amax(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.max()
+            x = INTENSITY[row](x, params[row], key)
+            if clip:
+                x = torch.minimum(torch.maximum(x, lo), hi)
+    return x
 
 
 # -----------------------------------------------------------------------------
-# Datasets
+# Drivers: a batch on the training device, or TorchIO transforms per sample
 
-def random_centre(rng, shape, patch):
-    """Uniform patch centre; a volume smaller than the patch lands anywhere inside it."""
-    return [rng.uniform(min(p / 2, n / 2), max(n - p / 2, n / 2)) if n != p else n / 2 for n, p in zip(shape, patch)]
+def augment_sample(region, params, patch, order=3, label=None, target_copy=True, coef=None):
+    """One sample, any device: region (C, R, R, R) -> (input, target) for pretraining
+    (target = after the spatial rows, before the intensity rows) or (image, label)."""
+    x, lab = region.float(), label
+    # a region larger than the patch is always resampled (pretraining reads the centre
+    # at half-voxel positions); a patch-sized one only when a spatial row fired, since
+    # identity coordinates are its own voxels and cubic B-splines return them exactly
+    if tuple(x.shape[1:]) != tuple(patch) or params["spatial"]:
+        x, lab = spatial(x, dict(params["spatial"], _key=params["key"]), patch, order, label=label, clip=params["clip"], coef=coef)
+    target = x.clone() if target_copy else None
+    x = intensity(x, params["intensity"], params["key"], params["clip"])
+    return (x, target) if label is None else (x, lab)
+
+
+def augment_batch(ds, regions, ks, labels=None):
+    """The batched path: a DataLoader batch of crop-padded regions (B, C, R, R, R) on
+    the training device and their sample numbers -> (input, target) (pretraining,
+    both (B, C, P, P, P)) or (image, label) (segmentation, label (B, P, P, P) int64).
+    Runs without gradients; parameters from ds.params(k), as every other path."""
+    with torch.no_grad():
+        regions = regions.float()
+        params = [ds.params(int(k)) for k in ks]
+        resampled = [tuple(regions.shape[2:]) != tuple(ds.patch) or p["spatial"] for p in params]
+        # B-spline coefficients of the whole batch at once (one recursion per axis)
+        coef = prefilter3(regions) if ds.order == 3 and any(resampled) else None
+        outs = [augment_sample(regions[i], params[i], ds.patch, ds.order, None if labels is None else labels[i].long(),
+                               labels is None, None if coef is None else coef[i]) for i in range(len(params))]
+    a = torch.stack([o[0] for o in outs])
+    b = torch.stack([o[1] for o in outs])
+    return a, (b.long() if labels is not None else b)
+
+
+def _base_args(t):  # include / exclude / copy ... of a TorchIO transform, for the one it hands over to
+    return t._get_base_args() if hasattr(t, "_get_base_args") else {}
+
+
+class AmaesRow(IntensityTransform):
+    """One intensity row of the recipe with given parameters (as draw_params gives
+    them: per channel, None = untouched) and noise key, as a TorchIO transform; it is
+    recorded in the subject's history with them. RandomAmaesRow draws them."""
+
+    def __init__(self, row, params, key, clip=True, **kwargs):
+        super().__init__(**kwargs)
+        if row not in INTENSITY:
+            raise ValueError(f"unknown row {row!r}; choose from {', '.join(INTENSITY_ROWS)}")
+        self.row, self.params, self.key, self.clip = row, params, key, clip
+        self.args_names = ["row", "params", "key", "clip"]
+
+    def apply_transform(self, subject):
+        for image in self.get_images(subject):
+            image.set_data(intensity(image.data.float(), {self.row: self.params}, self.key, self.clip))
+        return subject
+
+
+class RandomAmaesRow(RandomTransform, IntensityTransform):
+    """One intensity row with the authors' probabilities and ranges, for any TorchIO
+    pipeline: draws its parameters (TorchIO's way: from torch's global RNG) and
+    applies AmaesRow with them; a row that does not fire leaves the subject as it is."""
+
+    def __init__(self, row, clip=True, recipe=RECIPE, **kwargs):
+        super().__init__(**kwargs)
+        self.row, self.clip, self.recipe = row, clip, recipe
+
+    def apply_transform(self, subject):
+        image = next(iter(self.get_images_dict(subject).values()))
+        drawn = draw_params(int(torch.randint(2 ** 31, ())), 0, "all", image.num_channels, image.spatial_shape, self.recipe)
+        if self.row not in drawn["intensity"]:
+            return subject
+        return AmaesRow(self.row, drawn["intensity"][self.row], drawn["key"], self.clip, **_base_args(self))(subject)
+
+
+class AmaesSpatial(SpatialTransform):
+    """The spatial rows (elastic, rotation, scaling) with given parameters, resampled
+    as the authors do: output `patch` centred on the image's centre, cubic B-spline
+    (order 3), outside the image's minimum; label maps nearest, outside 0."""
+
+    def __init__(self, patch, params, key, order=3, clip=False, **kwargs):
+        super().__init__(**kwargs)
+        self.patch, self.params, self.key, self.order, self.clip = list(patch), params, key, order, clip
+        self.args_names = ["patch", "params", "key", "order", "clip"]
+
+    def apply_transform(self, subject):
+        sp = dict(self.params, _key=self.key)
+        for image in self.get_images(subject):
+            if image.type == tio.LABEL:
+                image.set_data(spatial(image.data.float(), sp, self.patch, 0, cval=0)[0].to(image.data.dtype))
+            else:
+                image.set_data(spatial(image.data.float(), sp, self.patch, self.order, clip=self.clip)[0])
+        return subject
+
+
+class RandomAmaesSpatial(RandomTransform, SpatialTransform):
+    """The spatial rows with the authors' probabilities (preset "all" includes the
+    elastic row, "spatial" not), for any TorchIO pipeline."""
+
+    def __init__(self, patch, preset="all", order=3, clip=False, recipe=RECIPE, **kwargs):
+        super().__init__(**kwargs)
+        self.patch, self.preset, self.order, self.clip, self.recipe = list(patch), preset, order, clip, recipe
+
+    def apply_transform(self, subject):
+        drawn = draw_params(int(torch.randint(2 ** 31, ())), 0, self.preset, 1, self.patch, self.recipe)
+        return AmaesSpatial(self.patch, drawn["spatial"], drawn["key"], self.order, self.clip, **_base_args(self))(subject)
+
+
+def amaes_transforms(patch, preset="all", clip=True):
+    """The recipe as one tio.Compose for any TorchIO pipeline: e.g.
+    amaes_transforms((128,) * 3)(tio.Subject(t1=tio.ScalarImage("t1.nii.gz"))).
+    (The reconstruction target of AMAES is the subject after the first transform.)"""
+    rows = [RandomAmaesSpatial(patch, preset, clip=clip)] if preset != "none" else []
+    return tio.Compose(rows + ([RandomAmaesRow(r, clip) for r in INTENSITY_ROWS] if preset == "all" else []))
+
+
+# -----------------------------------------------------------------------------
+# Datasets: the workers read and crop-pad; the rows run on the device (augment_batch)
+# or, with aug_on="workers", here per sample through the TorchIO driver.
+
+def croppad(vol, start, size, value):
+    """vol[:, start:start + size] per axis, padded with `value` to `size` (Yucca's
+    croppad: an axis shorter than size is taken whole, padded d // 2 before)."""
+    out = np.full((vol.shape[0], *size), value, dtype=np.float32)
+    src, dst = [slice(None)], [slice(None)]
+    for n, s, p in zip(vol.shape[1:], start, size):
+        if n < p:
+            src.append(slice(0, n))
+            dst.append(slice((p - n) // 2, (p - n) // 2 + n))
+        else:
+            src.append(slice(s, s + p))
+            dst.append(slice(0, p))
+    out[tuple(dst)] = vol[tuple(src)]
+    return out
 
 
 class _Base(torch.utils.data.Dataset):
-    def __init__(self, root, cases=None, patch=128, preset="all", seed=0, split="train"):
+    def __init__(self, root, cases=None, patch=128, preset="all", seed=0, split="train", aug_on="device", order=3,
+                 recipe=RECIPE, clip=True):
         if preset not in PRESETS:
             raise ValueError(f"--aug {preset!r}: choose from {', '.join(PRESETS)}")
         self.root = Path(root)
@@ -315,7 +727,8 @@ class _Base(torch.utils.data.Dataset):
             if not (self.root / "images" / f"{c}.npy").exists():
                 raise FileNotFoundError(f"{self.root / 'images' / (c + '.npy')} is missing; rerun preprocess.py")
         self.patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
-        self.preset, self.seed = preset, seed
+        self.preset, self.seed, self.aug_on, self.order, self.recipe, self.clip = preset, seed, aug_on, order, recipe, clip
+        self.channels = int(np.load(self.root / "images" / f"{self.cases[0]}.npy", mmap_mode="r").shape[0])
 
     def __len__(self):
         return len(self.cases)
@@ -326,75 +739,123 @@ class _Base(torch.utils.data.Dataset):
         perm = np.random.default_rng([self.seed, k // n, 1]).permutation(n)
         return self.cases[perm[k % n]], np.random.default_rng([self.seed, k])
 
+    def params(self, k):
+        """The augmentation parameters of sample k (a pure function of (seed, k))."""
+        return draw_params(self.seed, k, self.preset, self.channels, self.patch, self.recipe, self.clip)
+
     def image(self, case):
         return np.load(self.root / "images" / f"{case}.npy", mmap_mode="r")
 
+    def augment_tio(self, region, params, label=None):
+        """The per-sample driver: the sample's rows as TorchIO transforms (AmaesSpatial,
+        then AmaesRow for each intensity row that fires), recorded in the subject's
+        history. Returns (input, target) or (image, label)."""
+        subject = tio.Subject(image=tio.ScalarImage(tensor=region.float()),
+                              **({"label": tio.LabelMap(tensor=label[None])} if label is not None else {}))
+        if tuple(region.shape[1:]) != tuple(self.patch) or params["spatial"]:  # as augment_sample decides
+            subject = AmaesSpatial(self.patch, params["spatial"], params["key"], self.order, params["clip"])(subject)
+        target = subject["image"].data.clone()
+        rows = [AmaesRow(r, params["intensity"][r], params["key"], params["clip"]) for r in INTENSITY_ROWS if r in params["intensity"]]
+        if rows:
+            subject = tio.Compose(rows)(subject)
+        self.last_history = subject.history
+        return subject["image"].data, (target if label is None else subject["label"].data[0].long())
+
 
 class PretrainDataset(_Base):
-    """(input, target) pairs: the spatially augmented patch is the target; the input is
-    the target after intensity augmentation (preset "all"). Masking is not done here:
-    random_mask() runs on the training device."""
+    """Pretraining samples. Item k = (region float16 (C, R, R, R), k) with R = 181 for
+    presets with spatial rows (get_max_rotated_size(128)), the patch otherwise; run
+    augment_batch on the device. With aug_on="workers" item k = (input, target) float16
+    (C, P, P, P), augmented here. sample(k) -> (input, target, info) for inspection."""
 
-    def sample(self, k):
+    def region_size(self):
+        if self.preset == "none":
+            return self.patch
+        p = self.patch  # the largest side a 2-D rotation of the patch reaches (Yucca get_max_rotated_size)
+        return tuple(max(int(math.sqrt(p[i] ** 2 + p[j] ** 2)) for j in range(3) if j != i) for i in range(3))
+
+    def region(self, k):
         case, rng = self.pick(k)
         vol = self.image(case)
-        params = spatial_params(rng, self.preset)
-        target = sample_patch(vol, random_centre(rng, vol.shape[1:], self.patch), self.patch, params, rng)
-        inp, fired = intensity_augment(target, rng) if self.preset == "all" else (target, {})
-        return inp, target, {"case": case, "spatial": params, "intensity": fired}
+        size = self.region_size()
+        start = [int(rng.integers(n - s + 1)) if n >= s else 0 for n, s in zip(vol.shape[1:], size)]
+        return case, croppad(vol, start, size, float(vol.min()))
+
+    def sample(self, k):
+        """Sample k through the TorchIO driver: (input, target, info)."""
+        case, region = self.region(k)
+        p = self.params(k)
+        inp, target = self.augment_tio(torch.from_numpy(region), p)
+        return inp, target, {"case": case, "spatial": p["spatial"], "intensity": p["intensity"]}
 
     def __getitem__(self, k):
-        inp, target, _ = self.sample(int(k))
-        return inp, target
+        k = int(k)
+        if self.aug_on == "workers":
+            inp, target, _ = self.sample(k)
+            return inp.half(), target.half()
+        return torch.from_numpy(self.region(k)[1]).half(), k
 
 
 class SegDataset(_Base):
-    """(image (C, P, P, P) float32, label (P, P, P) int64) patches. With probability
-    fg_p the patch is centred on a labelled voxel (a foreground class drawn uniformly
-    among those present); spatial augmentation is applied identically to both (linear
-    for the image, nearest for the label, so no new label values appear); intensity
-    augmentation only with preset "all", image only."""
+    """Finetuning samples: the authors' CropPad(128) with foreground oversampling,
+    then the spatial rows on the patch (labels nearest), intensity rows with preset
+    "all" (clip False: the from-scratch recipe). Item k = (image float16 (C, P, P, P),
+    label uint8 (P, P, P), k) for augment_batch, or with aug_on="workers" the
+    augmented (image float16, label int64). centre_fg (ours): a forced patch is
+    centred on the voxel instead of placing it anywhere in the patch. sample(k) ->
+    (image, label, info) with info["fg_voxel"] the forced voxel (volume coordinates)."""
 
-    def __init__(self, root, cases=None, patch=128, preset="spatial", seed=0, fg_p=0.33, split="train"):
-        super().__init__(root, cases, patch, preset, seed, split)
-        self.fg_p = fg_p
-        self._fg = {}  # case -> {class: (N, 3) voxel coordinates}, per worker
+    def __init__(self, root, cases=None, patch=128, preset="spatial", seed=0, fg_p=0.33, split="train", aug_on="device",
+                 order=3, centre_fg=False, clip=False):
+        super().__init__(root, cases, patch, preset, seed, split, aug_on, order, clip=clip)
+        self.fg_p, self.centre_fg = fg_p, centre_fg
+        self._fg = {}  # case -> (N, 3) foreground locations, per worker
+
+    def label(self, case):
+        return np.load(self.root / "labels" / f"{case}.npy", mmap_mode="r")
 
     def foreground(self, case, lab):
+        """Yucca's foreground locations: every 10th voxel of np.nonzero(label), all
+        classes pooled, at most about 100,000."""
         if case not in self._fg:
-            rng = np.random.default_rng(0)
-            fg = {}
-            for v in np.unique(lab):
-                if v == 0:
-                    continue
-                idx = np.argwhere(lab == v)
-                fg[int(v)] = idx[rng.choice(len(idx), min(len(idx), 10000), replace=False)]
-            self._fg[case] = fg
+            locs = np.argwhere(np.asarray(lab) > 0)[::10]
+            if len(locs) > 100_000:
+                locs = locs[::round(len(locs) / 100_000)]
+            self._fg[case] = locs
         return self._fg[case]
 
-    def sample(self, k):
+    def crop(self, k):
         case, rng = self.pick(k)
-        vol = self.image(case)
-        lab = np.load(self.root / "labels" / f"{case}.npy", mmap_mode="r")
-        forced = rng.random() < self.fg_p
-        fg = self.foreground(case, lab) if forced else {}
-        if fg:
-            cls = list(fg)[int(rng.integers(len(fg)))]
-            centre = fg[cls][int(rng.integers(len(fg[cls])))] + 0.5
+        vol, lab = self.image(case), self.label(case)
+        shape, p = vol.shape[1:], self.patch
+        locs = self.foreground(case, lab) if self.fg_p > 0 else []
+        forced = len(locs) > 0 and rng.random() < self.fg_p
+        if forced:
+            loc = locs[int(rng.integers(len(locs)))]
+            if self.centre_fg:
+                start = [min(max(int(l) - s // 2, 0), max(n - s, 0)) for l, s, n in zip(loc, p, shape)]
+            else:  # the voxel lands anywhere in the patch
+                start = [int(rng.integers(max(0, l - s), min(l, n - s) + 1)) if n >= s else 0 for l, s, n in zip(loc, p, shape)]
         else:
-            centre = random_centre(rng, vol.shape[1:], self.patch)
-        params = spatial_params(rng, self.preset)
-        coords = patch_grid(centre, self.patch, params, rng)  # one grid for image and label
-        img = read_patch(vol, centre, self.patch, coords)
-        seg = read_patch(lab[None], centre, self.patch, coords, order="nearest")[0]
-        fired = {}
-        if self.preset == "all":
-            img, fired = intensity_augment(img, rng)
-        return img, seg.round().long(), {"case": case, "forced_fg": bool(fg), "spatial": params, "intensity": fired}
+            start = [int(rng.integers(n - s + 1)) if n >= s else 0 for n, s in zip(shape, p)]
+        img = croppad(vol, start, p, float(vol.min()))
+        seg = croppad(lab[None], start, p, 0)[0].astype(np.uint8)
+        return case, img, seg, ([int(v) for v in loc] if forced else None), start
+
+    def sample(self, k):
+        """Sample k through the TorchIO driver: (image, label, info)."""
+        case, img, seg, fg, _ = self.crop(k)
+        p = self.params(k)
+        x, lab = self.augment_tio(torch.from_numpy(img), p, torch.from_numpy(seg).long())
+        return x, lab, {"case": case, "fg_voxel": fg, "spatial": p["spatial"], "intensity": p["intensity"]}
 
     def __getitem__(self, k):
-        img, seg, _ = self.sample(int(k))
-        return img, seg
+        k = int(k)
+        if self.aug_on == "workers":
+            x, lab, _ = self.sample(k)
+            return x.half(), lab
+        _, img, seg, _, _ = self.crop(k)
+        return torch.from_numpy(img).half(), torch.from_numpy(seg), k
 
 
 # -----------------------------------------------------------------------------
@@ -404,17 +865,19 @@ class SegDataset(_Base):
 def random_mask(x, ratio=0.6, token=4, generator=None):
     """Mask a batch x (B, C, *S): in each sample independently, exactly
     int(n_tokens * (1 - ratio)) of the token^3 blocks are kept and the rest set to 0.
-    Returns (masked x, mask (B, 1, *S) bool, True = masked). S must divide by token."""
+    ratio may be a tensor (B,) of per-sample ratios. Returns (masked x, mask
+    (B, 1, *S) bool, True = masked). S must divide by token."""
     b, _, *s = x.shape
     if any(n % token for n in s):
         raise ValueError(f"patch {s} is not divisible by the mask token size {token}; "
                          f"use a patch that is a multiple of {token} (--patch / --mask-token)")
     grid = [n // token for n in s]
     n = math.prod(grid)
-    keep = int(n * (1 - ratio))
+    ratio = torch.as_tensor(ratio, dtype=torch.float64).expand(b)
+    keep = (n * (1 - ratio)).floor().long().to(x.device)  # (B,)
     order = torch.rand(b, n, device=x.device, generator=generator).argsort(dim=1)
-    tok = torch.ones(b, n, dtype=torch.bool, device=x.device)
-    tok.scatter_(1, order[:, :keep], False)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+    tok = rank >= keep[:, None]  # the first `keep` of a random order are kept
     mask = tok.view(b, 1, grid[0], 1, grid[1], 1, grid[2], 1).expand(b, 1, grid[0], token, grid[1], token, grid[2], token)
     mask = mask.reshape(b, 1, *s)
     return x.masked_fill(mask, 0), mask

@@ -6,10 +6,12 @@ Sliding-window inference, metrics in native space, and predictions as NIfTI.
 
 For each case: sliding-window inference over the whole preprocessed volume with the
 run's patch (overlap 0.5; logits summed over windows, as in the paper, or weighted by
-a Gaussian with --blend gaussian; --tta adds the 7 mirrored passes), argmax, then the
-label map goes back to the raw image's grid through the sidecar written by
-preprocess.py (un-crop, resample, reorient: preprocess.to_native), and is written as
-OUT/predictions/<case>.nii.gz with the raw image's shape and affine.
+a Gaussian with --blend gaussian; --tta adds the 7 mirrored passes); then, as the
+authors' Yucca reverse_preprocessing (and nnU-Net), the logits are resized
+trilinearly to the cropped box at native resolution, argmaxed there, the box put back
+into the volume (background outside) and the reorientation undone
+(preprocess.native_argmax); the result is written as OUT/predictions/<case>.nii.gz
+with the raw image's shape and affine.
 
 Metrics per case and foreground label, on the native grid against the raw label file
 (spacing from its header): Dice, Jaccard, sensitivity, precision, HD95 in mm (95th
@@ -117,14 +119,14 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), {k: v for k, v in ck.items() if k not in ("model", "optimizer", "scaler", "rng")}
 
 
-def predict(model, image, info, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None):
-    """Label map (X, Y, Z) uint8 with the dataset's label values, for a preprocessed
-    image (C, X, Y, Z) numpy array."""
+def predict(model, image, info, meta, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None):
+    """Label map on the original image's grid (uint8, the dataset's label values) for
+    a preprocessed image (C, X, Y, Z) numpy array: sliding-window logits, resized to
+    the native grid and argmaxed there (preprocess.native_argmax)."""
     device = next(model.parameters()).device
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).to(device)
     logits = sliding_window(model, x, info["patch"], overlap, blend, tta, batch, autocast)
-    values = torch.tensor(info["label_values"], dtype=torch.uint8, device=device)
-    return values[logits.argmax(0)].cpu().numpy()
+    return np.asarray(info["label_values"], dtype=np.uint8)[preprocess.native_argmax(logits, meta)]
 
 
 # -----------------------------------------------------------------------------
@@ -244,8 +246,9 @@ def save_prediction(path, pred_native, meta):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="finetune.py run folder (reads its best.pt or ckpt.pt)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="best validation Dice (default) or last weights")
+    p.add_argument("--run", required=True, help="finetune.py run folder (reads its ckpt.pt, or best.pt)")
+    p.add_argument("--checkpoint", default="last", choices=("last", "best"), help="the last weights (default, as the authors) "
+                   "or best.pt of a run with --val-cases (model selection on extra labelled cases: not the paper's protocol)")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
     p.add_argument("--split", default="test", choices=("test", "train", "all"), help="cases to evaluate (default test)")
     p.add_argument("--images", help="folder of raw NIfTI to segment instead of --data (predictions only)")
@@ -317,8 +320,7 @@ def main(argv=None):
                 if meta.get("source_label"):
                     meta["source_label"] = str(raw_file(meta["source_label"], meta, a.raw_root))
                 image = np.load(Path(a.data, "images", f"{case}.npy"))
-            pred = predict(model, image, info, a.overlap, a.blend, a.tta, a.batch, autocast)  # preprocessed grid
-            native = preprocess.to_native(pred, meta, "nearest").round().astype(np.uint8)
+            native = predict(model, image, info, meta, a.overlap, a.blend, a.tta, a.batch, autocast)
             save_prediction(a.out / "predictions" / f"{case}.nii.gz", native, meta)
             if files is None and meta.get("source_label"):
                 ref, _ = preprocess.read_nifti(meta["source_label"])

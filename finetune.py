@@ -6,10 +6,12 @@ Few-shot finetuning: a pretrained encoder, a new U-Net decoder, n labelled cases
     python finetune.py --out FT --resume
 
 The encoder's weights come from pretrain.py's RUN/encoder.pt (the transfer is reported
-tensor by tensor; a 1-channel encoder serves a 4-channel task through the first-conv
-adaptation of models.load_encoder); the decoder is new. --n-train cases are drawn from
-the train split by --seed (data.select_few_shot) and saved in FT/cases.json; up to
---val-cases of the remaining train cases are held out for validation (never test cases).
+tensor by tensor); the decoder is new. A 1-channel encoder on a 4-channel task keeps
+its first convolution freshly initialised, as the authors' transfer does (load what
+matches by name and shape); --tile-stem tiles it over the channels instead. --n-train
+cases are drawn from the train split by --seed (data.select_few_shot): a 20-shot run
+reads 20 labelled cases and no other, and evaluate.py uses its last weights, as the
+authors do. FT/cases.json lists every labelled case the run read.
 
 Defaults are the paper's and the authors' code's (Munk et al. 2024; asbjrnmunk/amaes
 src/train.py): 500 epochs x 100 batches of 8,
@@ -19,11 +21,12 @@ included, per sample, smooth 1) + CE. Augmentation: the spatial preset when fine
 the full AMAES preset from scratch (--aug overrides). Same DDP, AMP, checkpoint, resume
 and non-finite-loss rules as pretrain.py.
 
-FT/ holds args.json, cases.json, log.jsonl, ckpt.pt (last state, for --resume and
-evaluate.py --checkpoint last) and best.pt (weights with the best validation Dice,
-what evaluate.py reads by default). Validation: sliding-window inference over each
-held-out volume (evaluate.py's functions), Dice per foreground label on the
-preprocessed grid, every --val-every epochs and at the end.
+FT/ holds args.json, cases.json, log.jsonl and ckpt.pt (the last state: for --resume
+and for evaluate.py). Model selection is ours and leaves the paper's protocol:
+--val-cases N holds N more labelled train cases out for validation Dice (sliding
+window over each held-out volume, every --val-every epochs and at the end) and keeps
+the best weights in best.pt (evaluate.py --checkpoint best); the run then reads
+n-train + N labelled cases.
 """
 import argparse
 import math
@@ -52,7 +55,10 @@ def get_args(argv=None):
     p.add_argument("--pretrained", help="encoder.pt of a pretrain.py run, or 'none' to train from scratch (required)")
     p.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
     p.add_argument("--n-train", default="20", help="labelled training cases, drawn by --seed from the train split, or 'all' (default 20)")
-    p.add_argument("--val-cases", type=int, default=5, help="held-out train cases for validation (default 5; 0 = none)")
+    p.add_argument("--val-cases", type=int, default=0, help="ours, not the paper's: hold out N more labelled train cases for "
+                   "validation Dice and keep best.pt (default 0: the run reads exactly --n-train labelled cases)")
+    p.add_argument("--tile-stem", action="store_true", help="ours, not the paper's: a pretrained first convolution with fewer "
+                   "input channels than the task is tiled over them (default: it stays freshly initialised, as the authors')")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--batch", type=int, default=8, help="batch per process (default 8)")
     p.add_argument("--epochs", type=int, default=500, help="epochs (default 500)")
@@ -62,7 +68,11 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=3e-5, help="AdamW weight decay (default 3e-5)")
     p.add_argument("--t-max", type=float, default=575, help="cosine annealing period in epochs (default 575)")
     p.add_argument("--eta-min", type=float, default=1e-9, help="cosine annealing floor (default 1e-9)")
-    p.add_argument("--fg-p", type=float, default=0.33, help="share of patches centred on a labelled voxel (default 0.33)")
+    p.add_argument("--fg-p", type=float, default=0.33, help="share of patches forced to hold a labelled voxel, drawn from "
+                   "all classes' voxels pooled, anywhere in the patch (default 0.33, the authors')")
+    p.add_argument("--centre-fg", action="store_true", help="ours, not the paper's: a forced patch is centred on its voxel")
+    p.add_argument("--interp", default="cubic", choices=("cubic", "linear"), help="image resampling of the spatial rows: "
+                   "cubic B-spline (default, the authors') or linear (ours: faster; leaves the paper's recipe)")
     p.add_argument("--loss", default="dice_ce", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1 (default), or one of them")
     p.add_argument("--dice-smooth", type=float, default=1.0, help="soft Dice smoothing term (default 1)")
     p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (default spatial when finetuning, all from scratch)")
@@ -118,14 +128,14 @@ def seg_loss(logits, seg, kind="dice_ce", smooth=1.0):
     return out
 
 
-def load_pretrained(model, path):
+def load_pretrained(model, path, tile_stem=False):
     """models.load_encoder on a file, with one clear line for a file that is not an encoder."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"--pretrained {path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     try:
-        return load_encoder(model, ck)
+        return load_encoder(model, ck, adapt_stem=tile_stem)
     except ValueError as e:
         raise ValueError(f"--pretrained {path}: {e}") from None
 
@@ -147,7 +157,9 @@ def train(a):
         val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, min(a.val_cases, len(rest)), replace=False).tolist()) if rest else []
         values = [int(v) for v in ds_json["label_values"]]  # e.g. BraTS [0, 1, 2, 4]: class k is values[k]
         in_ch = int(ds_json.get("n_channels", 1))
-        train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p)
+        a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
+        train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p, aug_on=a.aug_on,
+                                   order=3 if a.interp == "cubic" else 1, centre_fg=a.centre_fg)
     spe = a.steps_per_epoch
     total = a.steps or a.epochs * spe
 
@@ -156,10 +168,11 @@ def train(a):
     model = build_model(a.arch, in_ch, len(values), decoder=a.decoder, checkpointing=a.checkpointing)
     if ck is None and a.pretrained != "none":
         with user_input():
-            rep = load_pretrained(model, a.pretrained)
+            rep = load_pretrained(model, a.pretrained, a.tile_stem)
         n_dec = len(model.decoder.state_dict())
         say(f"transfer from {a.pretrained}: {len(rep['loaded'])} encoder tensors loaded"
-            + (f" ({', '.join(rep['adapted'])} adapted to {in_ch} channels)" if rep["adapted"] else "")
+            + (f"; {', '.join(rep['adapted'])} tiled to {in_ch} channels" if rep["adapted"] else "")
+            + (f"; {', '.join(rep['fresh'])} freshly initialised ({in_ch} input channels)" if rep["fresh"] else "")
             + f"; decoder ({n_dec} tensors) freshly initialised")
     elif ck is None:
         say("from scratch: no pretrained encoder")
@@ -175,7 +188,8 @@ def train(a):
              "patch": a.patch, "decoder": a.decoder}
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
-        save_json(out / "cases.json", {"n_train": a.n_train, "seed": a.seed, "train": chosen, "val": val_cases})
+        save_json(out / "cases.json", {"n_train": a.n_train, "seed": a.seed, "train": chosen, "val": val_cases,
+                                       "labelled_cases_read": sorted(chosen + val_cases)})
     say(describe(model))
     say(f"{len(chosen)}-shot ({a.n_train}, seed {a.seed}) of {len(pool)} train cases, {len(val_cases)} held out for validation; "
         f"{ctx.world} process(es) x batch {a.batch}, patch {a.patch}^3, {total} steps ({spe} per epoch), {a.dtype} on {ctx.device.type}, aug {a.aug}")
@@ -183,11 +197,12 @@ def train(a):
     saved = ck["step"] if ck is not None else None  # the step of the last good checkpoint
 
     def checkpoint(is_best=False):
-        """ckpt.pt (last state, to resume) and, after a better validation, best.pt; finite weights only."""
+        """ckpt.pt (the last state: to resume, and what evaluate.py reads) and, after a
+        better validation (--val-cases), best.pt; finite weights only."""
         state = dict(facts, model=model.state_dict(), step=step, best=best)
         save_all(ctx, [(dict(state, optimizer=opt.state_dict(), scaler=scaler.state_dict(), total=total, world=ctx.world,
                              rng=torch.get_rng_state(), args=vars(a), train_cases=chosen, val_cases=val_cases),
-                        out / "ckpt.pt", True)] + ([(state, out / "best.pt", False)] if is_best or not val_cases else []))
+                        out / "ckpt.pt", True)] + ([(state, out / "best.pt", False)] if is_best else []))
 
     @torch.no_grad()
     def validate():
@@ -213,7 +228,12 @@ def train(a):
     loader = make_loader(train_ds, a.batch, step, total - step, ctx, a.workers)
     meter = Interval(ctx, a.max_bad_steps, a.dtype == "fp16")
     net.train()
-    for s, epoch, (img, seg) in steps(loader, step, total, spe, meter, a.quiet):  # (B, C, P, P, P), (B, P, P, P) label values
+    for s, epoch, batch in steps(loader, step, total, spe, meter, a.quiet):
+        if a.aug_on == "device":  # crop-padded patches, labels and sample numbers: augment here
+            img, seg = data.augment_batch(train_ds, batch[0], batch[2], labels=batch[1])
+        else:
+            img, seg = batch[0].float(), batch[1]
+        # img (B, C, P, P, P), seg (B, P, P, P) label values
         lr = lr_at(s, spe, a.epochs, total, a)
         set_lr(opt, lr)
         with autocast:
@@ -243,9 +263,8 @@ def train(a):
             saved = step
         if validating or is_best or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
-    say(f"done: {out / 'best.pt'} ({f'best validation Dice {best:.4f}' if val_cases else 'no validation cases: the last weights'}), "
-        f"{out / 'ckpt.pt'} (last); "
-        f"next: python evaluate.py --run {out} --data {a.data}")
+    say(f"done: {out / 'ckpt.pt'} (the last weights)" + (f", {out / 'best.pt'} (best validation Dice {best:.4f})" if val_cases else "")
+        + f"; next: python evaluate.py --run {out} --data {a.data}")
     return model
 
 

@@ -571,15 +571,6 @@ def patch_rule(arch):
     return divisor, 2 * divisor
 
 
-def init_conv_weights(module):
-    """He-normal for convolutions (nnU-Net / Yucca's InitWeights_He(1e-2)), zero bias."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-            nn.init.kaiming_normal_(m.weight, a=1e-2)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None, checkpointing=False):
     """Build `arch` (a key of ARCHS) as a segmentation ("seg", out_channels classes) or
     pretraining ("pretrain", out_channels defaults to in_channels) network.
@@ -613,10 +604,9 @@ def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None
     else:
         enc = SwinViT(in_channels, v["feature_size"])
         dec = SwinSSLHeads(in_channels) if mode == "pretrain" else SwinUNETRDecoder(in_channels, out_channels, v["feature_size"])
-    if fam in ("unet", "resenc"):
-        init_conv_weights(enc)
-    if not isinstance(dec, (MedNeXtDecoder, SwinSSLHeads, SwinUNETRDecoder)):
-        init_conv_weights(dec)
+    # PyTorch's default initialisation throughout (kaiming_uniform with a = sqrt(5),
+    # uniform biases), as the AMAES networks (Yucca, weightInitializer None) and nnssl's
+    # ResEnc-L MAE path use: no He-normal re-initialisation.
     model = EncoderDecoder(arch, mode, enc, dec, patch_rule(arch)[0], in_channels, out_channels)
     return model.set_checkpointing(checkpointing)
 
@@ -640,16 +630,19 @@ def adapt_first_conv(w, cin):
     return w.repeat(1, reps, *[1] * (w.dim() - 2))[:, :cin] * (c / cin)
 
 
-def load_encoder(model, ckpt):
+def load_encoder(model, ckpt, adapt_stem=False):
     """Load pretrained encoder weights into `model.encoder`.
 
     ckpt: {"arch": name, "encoder": state dict with keys relative to the encoder}
     (what pretrain.py writes as encoder.pt), or such a state dict alone.
-    Every key must match by name; tensors must match by shape, except a 5-D
-    convolution weight whose input-channel axis differs (the first convolution, when
-    finetuning e.g. 4-channel BraTS from a 1-channel pretraining), which is adapted by
-    `adapt_first_conv`. Anything else raises ValueError listing the offending keys.
-    Returns {"loaded": [...], "adapted": [...]} for the scripts to report.
+    Every key must match by name; tensors must match by shape, except a 5-D input
+    convolution whose input-channel axis differs (a 1-channel encoder finetuned on
+    4-channel BraTS). That one keeps its fresh initialisation, as in the authors'
+    transfer (load what matches by name and shape), or with adapt_stem=True is
+    tiled over the channels by `adapt_first_conv` (our option: it gives the
+    pretrained features to an input of equal channels). Anything else raises
+    ValueError listing the offending keys.
+    Returns {"loaded": [...], "adapted": [...], "fresh": [...]} for the scripts to report.
     """
     if not isinstance(ckpt, dict):
         raise ValueError(f"expected an encoder checkpoint dict, got {type(ckpt).__name__}")
@@ -669,14 +662,17 @@ def load_encoder(model, ckpt):
             return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
         raise ValueError(f"encoder weights do not fit {getattr(model, 'arch', 'this model')}: "
                          f"missing [{short(missing)}]; unexpected [{short(unexpected)}]")
-    new, adapted = {}, []
+    new, adapted, fresh = {}, [], []
     for k, t in state.items():
         if t.shape != own[k].shape:
             if t.dim() == 5 and t.shape[0] == own[k].shape[0] and t.shape[2:] == own[k].shape[2:]:
+                if not adapt_stem:
+                    fresh.append(k)
+                    continue
                 t = adapt_first_conv(t, own[k].shape[1])
                 adapted.append(k)
             else:
                 raise ValueError(f"encoder tensor {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
         new[k] = t
-    model.encoder.load_state_dict(new, strict=True)
-    return {"loaded": sorted(new), "adapted": adapted}
+    model.encoder.load_state_dict(new, strict=not fresh)
+    return {"loaded": sorted(set(new) - set(adapted)), "adapted": adapted, "fresh": fresh}

@@ -49,6 +49,7 @@ from training import (Interval, StopRun, add_run_flags, all_sum, check_run_flags
                       precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 METHODS = ("amaes", "mae", "swin_ssl")
+INTERP = {"cubic": 3, "linear": 1}
 
 
 def get_args(argv=None):
@@ -72,6 +73,8 @@ def get_args(argv=None):
     p.add_argument("--mask-token", type=int, default=4, help="mask token side in voxels (default 4; Wald et al. 16)")
     p.add_argument("--loss-on", default="all", choices=("all", "masked"), help="MSE over all voxels (default) or masked voxels only")
     p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (default: all for amaes, none for mae and swin_ssl)")
+    p.add_argument("--interp", default="cubic", choices=list(INTERP), help="spatial resampling: cubic B-spline (default, "
+                   "the authors') or linear (ours: faster, blurrier; leaves the paper's recipe)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of volumes held out for validation (default 0.01; at least 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, masks, split and initialisation (default 0)")
     add_run_flags(p)
@@ -184,7 +187,8 @@ def train(a):
         n_val = max(1, round(a.val_fraction * len(cases))) if a.val_fraction > 0 and len(cases) > 1 else 0
         val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
         train_cases = [c for c in cases if c not in val_cases]
-        train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed)
+        a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
+        train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp])
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
     spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * ctx.world))
     total = a.steps or a.epochs * spe
@@ -252,7 +256,11 @@ def train(a):
     loader = make_loader(train_ds, a.batch, step, total - step, ctx, a.workers)
     meter = Interval(ctx, a.max_bad_steps, a.dtype == "fp16")
     net.train()
-    for s, epoch, (inp, target) in steps(loader, step, total, spe, meter, a.quiet):  # (B, C, P, P, P) each
+    for s, epoch, batch in steps(loader, step, total, spe, meter, a.quiet):
+        if a.aug_on == "device":  # crop-padded regions (B, C, 181, 181, 181) and sample numbers: augment here
+            inp, target = data.augment_batch(train_ds, *batch)  # (B, C, P, P, P) each
+        else:  # augmented in the workers
+            inp, target = (t.float() for t in batch)
         lr = lr_at(s, total, warmup, a.lr)
         set_lr(opt, lr)
         loss, parts, _ = compute_loss(net, inp, target, a, (a.seed, s, ctx.rank), autocast)

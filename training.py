@@ -38,7 +38,7 @@ from preprocess import clean_json, save_json, write_atomic
 # flags that may be given anew when a run is resumed: where and how fast it runs, and
 # the ways past a divergence (clipping, precision, patience); everything else is the run's
 RUNTIME_FLAGS = {"out", "data", "resume", "workers", "compile", "log_every", "ckpt_every", "checkpointing", "quiet", "device",
-                 "grad_clip", "dtype", "max_bad_steps"}
+                 "grad_clip", "dtype", "max_bad_steps", "aug_on"}
 
 
 class UserError(Exception):
@@ -72,6 +72,9 @@ def add_run_flags(p, ckpt_every=1000):
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30 %% more compute)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per process (default: the cores this process may use, minus one)")
+    p.add_argument("--aug-on", default="auto", choices=("auto", "device", "workers"),
+                   help="where the augmentation runs: batched on the training device after the workers crop, or per "
+                   "sample in the DataLoader workers (default auto: device on CUDA, workers on CPU); same samples either way")
     p.add_argument("--log-every", type=int, default=20, help="log.jsonl line every N steps (default 20)")
     p.add_argument("--ckpt-every", type=int, default=ckpt_every, help=f"write ckpt.pt every N steps (default {ckpt_every})")
     p.add_argument("--max-bad-steps", type=int, default=5,
@@ -361,7 +364,9 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
         if meter.bar is None and not quiet and meter.ctx.master:
             meter.bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch),
                              initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch}", leave=False)
-        batch = [t.to(meter.ctx.device, non_blocking=True) for t in next(batches)]
+        # sample numbers (1-D integers) stay on the host: the augmentation reads them there
+        batch = [t if t.dim() == 1 and not t.is_floating_point() else t.to(meter.ctx.device, non_blocking=True)
+                 for t in next(batches)]
         meter.t_data = time.perf_counter()
         yield step, epoch, batch
         step += 1

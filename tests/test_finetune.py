@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -132,3 +133,27 @@ def test_resume_is_exact(demo, encoder, tmp_path, monkeypatch):
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_run_reads_only_its_n_labelled_cases_and_evaluates_the_last_weights(demo, tmp_path, monkeypatch, capsys):
+    """The paper's protocol: --n-train 3 reads the labels of exactly those 3 cases (no
+    validation cases, no best.pt), cases.json says so, and evaluate.py uses ckpt.pt."""
+    read = []
+    real = np.load
+
+    def tracing(path, *args, **kwargs):
+        read.append(Path(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(np, "load", tracing)
+    ft = tmp_path / "ft"
+    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--n-train", "3",
+                                 "--steps", "4", "--out", str(ft)]) == 0
+    monkeypatch.undo()
+    cases = json.loads((ft / "cases.json").read_text())
+    assert len(cases["train"]) == 3 and cases["val"] == [] and cases["labelled_cases_read"] == cases["train"]
+    labels_read = {p.stem for p in read if p.parent.name == "labels"}
+    assert labels_read == set(cases["train"])
+    assert not (ft / "best.pt").exists()
+    capsys.readouterr()
+    assert evaluate.main(["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet"]) == 0
+    assert f"from {ft / 'ckpt.pt'}" in capsys.readouterr().out

@@ -160,11 +160,16 @@ def test_transfer_wrong_arch_is_a_clear_error():
         load_encoder(get("unet_xl", "seg"), pre.encoder.state_dict())
 
 
-def test_first_conv_adaptation_for_more_channels():
+def test_first_conv_with_more_channels_stays_fresh_or_is_tiled():
     torch.manual_seed(2)
     pre = build_model("unet_b", 1, mode="pretrain").eval()
     seg = build_model("unet_b", 4, 2).eval()
-    report = load_encoder(seg, {"arch": "unet_b", "encoder": pre.encoder.state_dict()})
+    fresh = seg.encoder.stages[0][0].conv.weight.clone()
+    report = load_encoder(seg, {"arch": "unet_b", "encoder": pre.encoder.state_dict()})  # the authors': left fresh
+    assert report["fresh"] == ["stages.0.0.conv.weight"] and report["adapted"] == []
+    assert torch.equal(seg.encoder.stages[0][0].conv.weight, fresh)
+    assert torch.equal(seg.encoder.stages[0][0].conv.bias, pre.encoder.stages[0][0].conv.bias)  # name and shape match
+    report = load_encoder(seg, {"arch": "unet_b", "encoder": pre.encoder.state_dict()}, adapt_stem=True)  # ours
     assert report["adapted"] == ["stages.0.0.conv.weight"]
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():  # four copies of one image must give the pretrained features
@@ -220,3 +225,20 @@ def test_swinunetr_matches_the_public_implementation():
     x = torch.randn(1, 1, 64, 64, 96)  # 96: padded windows and a mix of shifted/unshifted axes
     with torch.no_grad():
         assert torch.allclose(ref(x), ours(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_initialisation_is_torch_default(arch):
+    """The authors' networks keep PyTorch's default initialisation (Yucca:
+    weightInitializer None; nnssl's MAE path none either): kaiming_uniform with
+    a = sqrt(5) gives weights U(-b, b), b = 1 / sqrt(fan_in), so std 1 / sqrt(3 fan_in),
+    and biases U(-b, b) -- not He-normal with zero biases."""
+    m = get(arch, "seg")
+    convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv3d) and c.weight[0].numel() >= 27 and c.weight.numel() > 5000]
+    assert convs
+    for c in convs[:6]:
+        fan_in = c.weight[0].numel()
+        assert c.weight.std().item() == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.1), c
+        assert c.weight.abs().max().item() <= 1 / fan_in ** 0.5 + 1e-7
+        if c.bias is not None:
+            assert c.bias.abs().max().item() > 0 and c.bias.abs().max().item() <= 1 / fan_in ** 0.5 + 1e-7
