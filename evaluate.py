@@ -112,7 +112,8 @@ def load_model(path, device="cpu"):
         raise FileNotFoundError(f"{path} does not exist; is --run a finetune.py run folder?")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(ck["arch"], ck["in_channels"], len(ck["label_values"]), decoder=ck.get("decoder"))
+        model = build_model(ck["arch"], ck["in_channels"], len(ck["label_values"]), decoder=ck.get("decoder"),
+                            legacy_merge=ck.get("legacy_merge", False))
         model.load_state_dict(ck["model"])
     except Exception as e:
         raise ValueError(f"{path} is not a finetune.py checkpoint ({type(e).__name__}: {str(e)[:200]})") from None

@@ -39,20 +39,23 @@ import torch.nn.functional as F
 
 import data
 from evaluate import sliding_window
+import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import save_json
-from training import (Interval, StopRun, add_run_flags, all_sum, check_run_flags, guarded_step, make_loader, make_optimizer, precision,
-                      open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
+from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, guarded_step,
+                      load_pretrained_file, make_loader, make_optimizer, precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 
 
 def get_args(argv=None):
     """Parsed flags, checked; a.given holds the flags whose value is not the default."""
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="unet_b", choices=list(ARCHS), help="network (default unet_b)")
+    p.add_argument("--arch", choices=list(ARCHS), help="network (default: the one in --pretrained, else unet_b)")
     p.add_argument("--decoder", choices=("unet", "native"), help="MedNeXt only: U-Net decoder (default, the paper) or MedNeXt's own")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed labelled dataset (default demo/preprocessed)")
-    p.add_argument("--pretrained", help="encoder.pt of a pretrain.py run, or 'none' to train from scratch (required)")
+    p.add_argument("--pretrained", help="pretrained weights (required): RUN/encoder.pt of pretrain.py, a released file "
+                   "(AMAES *_lw_dec_fullaug.pth, nnssl/OpenMind ResEnc-L, MONAI model_swinvit.pt, BrainSegFounder; "
+                   "detected from its contents), or 'none' to train from scratch")
     p.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
     p.add_argument("--n-train", default="20", help="labelled training cases, drawn by --seed from the train split, or 'all' (default 20)")
     p.add_argument("--val-cases", type=int, default=0, help="ours, not the paper's: hold out N more labelled train cases for "
@@ -82,17 +85,19 @@ def get_args(argv=None):
     add_run_flags(p)
     a = p.parse_args(argv)
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every"))
+    a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --pretrained (Tang / BrainSegFounder weights)
     if a.resume and any(Path(a.out, n).exists() for n in ("ckpt.pt", "ckpt_prev.pt")):
         return a  # the rest comes from the run's checkpoint
     if a.pretrained is None:
         p.error("--pretrained is required: RUN/encoder.pt from pretrain.py, or 'none' to train from scratch")
     if a.pretrained != "none" and not Path(a.pretrained).is_file():
         p.error(f"--pretrained {a.pretrained}: no such file (give RUN/encoder.pt, or 'none')")
-    if a.decoder and not a.arch.startswith("mednext"):
-        p.error("--decoder is for MedNeXt only")
-    divisor, minimum = patch_rule(a.arch)
-    if a.patch % divisor or a.patch < minimum:
-        p.error(f"--patch {a.patch}: {a.arch} needs a multiple of {divisor}, at least {minimum}")
+    if a.decoder and not (a.arch or "").startswith("mednext"):
+        p.error("--decoder is for MedNeXt only (give --arch mednext_*)")
+    if a.arch:
+        divisor, minimum = patch_rule(a.arch)
+        if a.patch % divisor or a.patch < minimum:
+            p.error(f"--patch {a.patch}: {a.arch} needs a multiple of {divisor}, at least {minimum}")
     if a.n_train != "all" and not (a.n_train.isdigit() and int(a.n_train) >= 1):
         p.error(f"--n-train {a.n_train}: a positive number or 'all'")
     if a.val_cases < 0 or not 0 <= a.fg_p <= 1 or not 0 <= a.overlap < 1:
@@ -128,16 +133,14 @@ def seg_loss(logits, seg, kind="dice_ce", smooth=1.0):
     return out
 
 
-def load_pretrained(model, path, tile_stem=False):
-    """models.load_encoder on a file, with one clear line for a file that is not an encoder."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--pretrained {path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
-    try:
-        return load_encoder(model, ck, adapt_stem=tile_stem)
-    except ValueError as e:
-        raise ValueError(f"--pretrained {path}: {e}") from None
+def transfer_report(rep, path, fmt, n_dec, in_ch):
+    """One line for what the transfer did, tensor by tensor in summary."""
+    return (f"transfer from {path} ({models.FORMATS[fmt]}): {len(rep['loaded'])} encoder tensors loaded"
+            + (f"; {', '.join(rep['adapted'])} tiled to {in_ch} channels" if rep["adapted"] else "")
+            + (f"; {', '.join(rep['fresh'])} freshly initialised ({in_ch} input channels)" if rep["fresh"] else "")
+            + f"; decoder ({n_dec} tensors) freshly initialised"
+            + (f"; not used from the file: {len(rep['unused'])} tensors ({', '.join(sorted({k.split('.')[0] + '.' + k.split('.')[1] for k in rep['unused']})[:4])})"
+               if rep["unused"] else ""))
 
 
 def train(a):
@@ -164,16 +167,21 @@ def train(a):
     total = a.steps or a.epochs * spe
 
     # -- model: pretrained encoder, fresh decoder -----------------------------
+    pre = load_pretrained_file(a.pretrained, "--pretrained") if ck is None and a.pretrained != "none" else None
+    if pre is not None:  # the file says which network it is (and how SwinUNETR merges patches)
+        if a.arch not in (None, pre["arch"]):
+            raise UserError(f"--pretrained {a.pretrained} holds {pre['arch']} weights, but --arch is {a.arch}; "
+                            f"use --arch {pre['arch']} (or leave --arch out)")
+        a.arch, a.legacy_merge = pre["arch"], pre["legacy_merge"]
+    a.arch = a.arch or "unet_b"
+    check_patch(a.arch, a.patch)
     torch.manual_seed(a.seed)
-    model = build_model(a.arch, in_ch, len(values), decoder=a.decoder, checkpointing=a.checkpointing)
-    if ck is None and a.pretrained != "none":
+    model = build_model(a.arch, in_ch, len(values), decoder=a.decoder, checkpointing=a.checkpointing,
+                        legacy_merge=a.legacy_merge)
+    if pre is not None:
         with user_input():
-            rep = load_pretrained(model, a.pretrained, a.tile_stem)
-        n_dec = len(model.decoder.state_dict())
-        say(f"transfer from {a.pretrained}: {len(rep['loaded'])} encoder tensors loaded"
-            + (f"; {', '.join(rep['adapted'])} tiled to {in_ch} channels" if rep["adapted"] else "")
-            + (f"; {', '.join(rep['fresh'])} freshly initialised ({in_ch} input channels)" if rep["fresh"] else "")
-            + f"; decoder ({n_dec} tensors) freshly initialised")
+            rep = load_encoder(model, pre, adapt_stem=a.tile_stem)
+        say(transfer_report(rep, a.pretrained, pre["format"], len(model.decoder.state_dict()), in_ch))
     elif ck is None:
         say("from scratch: no pretrained encoder")
     model.to(ctx.device)
@@ -185,7 +193,7 @@ def train(a):
     net = wrap(model, a.compile, ctx)
 
     facts = {"arch": a.arch, "in_channels": in_ch, "label_values": values, "labels": ds_json.get("labels"),
-             "patch": a.patch, "decoder": a.decoder}
+             "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge}
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
         save_json(out / "cases.json", {"n_train": a.n_train, "seed": a.seed, "train": chosen, "val": val_cases,

@@ -34,6 +34,7 @@ SwinUNETR and ResEnc-L). The SwinUNETR SSL model needs at least two bottleneck t
 tokens 0 and 1.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -363,31 +364,36 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2x2 neighbourhood -> LayerNorm(8C) -> Linear(8C, 2C). The neighbours are
-    concatenated in the public implementation's order, so its weights mean the same
-    here (early releases of that code listed two neighbours twice; this is the fix)."""
+    """2x2x2 neighbourhood -> LayerNorm(8C) -> Linear(8C, 2C). The eight sub-grids are
+    concatenated in MONAI's order, so its weights mean the same here. legacy=True is
+    the order of MONAI 0.9 until its PR 8285 (fixed in 1.5.0), which took (0, 1, 0)
+    and (0, 0, 1) twice and (1, 1, 0), (0, 1, 1) never: Tang et al.'s and
+    BrainSegFounder's released weights were trained with it."""
 
-    def __init__(self, dim):
+    ORDER = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
+    LEGACY = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1)]
+
+    def __init__(self, dim, legacy=False):
         super().__init__()
         self.norm = nn.LayerNorm(8 * dim)
         self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+        self.offsets = self.LEGACY if legacy else self.ORDER
 
     def forward(self, x):  # (B, D, H, W, C) -> (B, D/2, H/2, W/2, 2C)
         d, h, w = x.shape[1:4]
         x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
-        offsets = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
-        x = torch.cat([x[:, i::2, j::2, k::2] for i, j, k in offsets], dim=-1)
+        x = torch.cat([x[:, i::2, j::2, k::2] for i, j, k in self.offsets], dim=-1)
         return self.reduction(self.norm(x))
 
 
 class SwinLayer(nn.Module):
     """`depth` Swin blocks alternating plain and shifted windows, then PatchMerging."""
 
-    def __init__(self, dim, depth, heads, window=7):
+    def __init__(self, dim, depth, heads, window=7, legacy_merge=False):
         super().__init__()
         self.window = window
         self.blocks = nn.ModuleList(SwinBlock(dim, heads, window, 0 if i % 2 == 0 else window // 2) for i in range(depth))
-        self.downsample = PatchMerging(dim)
+        self.downsample = PatchMerging(dim, legacy_merge)
 
     def forward(self, x):  # (B, C, D, H, W) -> (B, 2C, D/2, H/2, W/2)
         x = x.permute(0, 2, 3, 4, 1)
@@ -405,12 +411,12 @@ class SwinViT(nn.Module):
     itself (the decoder's first residual block reads it) and the five hidden states,
     each layer-normed over channels without affine parameters."""
 
-    def __init__(self, in_channels, feature_size=48, depths=(2, 2, 2, 2), heads=(3, 6, 12, 24), window=7):
+    def __init__(self, in_channels, feature_size=48, depths=(2, 2, 2, 2), heads=(3, 6, 12, 24), window=7, legacy_merge=False):
         super().__init__()
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv3d(in_channels, feature_size, 2, stride=2)
         self.layers = nn.ModuleList(
-            SwinLayer(feature_size * 2 ** i, depths[i], heads[i], window) for i in range(len(depths)))
+            SwinLayer(feature_size * 2 ** i, depths[i], heads[i], window, legacy_merge) for i in range(len(depths)))
         self.channels = [in_channels] + [feature_size * 2 ** i for i in range(len(depths) + 1)]
         self.checkpointing = False
 
@@ -526,6 +532,151 @@ def swinunetr_key_map(key):
 
 
 # -----------------------------------------------------------------------------
+# Released pretrained weights: one small key map per format, onto this file's names
+
+def amaes_key_map(key):
+    """AMAES (Munk et al., github.com/asbjrnmunk/amaes src/models/networks, Zenodo
+    13604788) network keys (after "model." / "_orig_mod.") -> this file's, or None.
+    U-Net: encoder.in_conv / encoder_conv{i} .conv{j}.{conv,norm}; MedNeXt:
+    encoder.stem, enc_block_{i}.{b}, down_{i}, bottleneck.{b}; the lightweight
+    decoder rec_head.upsample{i}, decoder_conv{i}.conv{j}, out_conv."""
+    p = key.split(".")
+    if key.startswith("encoder.in_conv.conv"):
+        return f"encoder.stages.0.{int(p[2][4:]) - 1}." + ".".join(p[3:])
+    if key.startswith("encoder.encoder_conv"):
+        return f"encoder.stages.{p[1][12:]}.{int(p[2][4:]) - 1}." + ".".join(p[3:])
+    if key.startswith("encoder.enc_block_"):
+        i = int(p[1][10:])
+        return f"encoder.stages.{i}.{int(p[2]) + (i > 0)}." + ".".join(p[3:])  # stages 1-4 open with their down block
+    if key.startswith("encoder.down_"):
+        return f"encoder.stages.{int(p[1][5:]) + 1}.0." + ".".join(p[2:])
+    if key.startswith("encoder.bottleneck."):
+        return f"encoder.stages.4.{int(p[2]) + 1}." + ".".join(p[3:])
+    if key.startswith("encoder.stem."):
+        return key
+    if key.startswith(("rec_head.", "pred_head.")):
+        if p[1].startswith("upsample"):
+            return f"decoder.ups.{int(p[1][8:]) - 1}." + ".".join(p[2:])
+        if p[1].startswith("decoder_conv"):
+            return f"decoder.stages.{int(p[1][12:]) - 1}.{int(p[2][4:]) - 1}." + ".".join(p[3:])
+        if p[1] == "out_conv":
+            return "decoder.out." + ".".join(p[2:])
+    return None
+
+
+def nnssl_key_map(key):
+    """nnssl / OpenMind (Wald et al., github.com/MIC-DKFZ/nnssl; dynamic-network-
+    architectures' ResidualEncoderUNet) keys -> this file's, or None for the aliases
+    (all_modules.*, the decoder's copy of the encoder)."""
+    if "all_modules" in key or key.startswith("decoder.encoder."):
+        return None
+    p = key.split(".")
+    if key.startswith("encoder.stem.convs.0."):
+        return "encoder.stem." + ".".join(p[4:])
+    if key.startswith("encoder.stages."):  # encoder.stages.S.blocks.B.{conv1, conv2, skip}...
+        head, rest = f"encoder.stages.{p[2]}.{p[4]}.", p[5:]
+        if rest[0] == "conv2":
+            return head + "conv2." + ("0." if rest[1] == "conv" else "1.") + ".".join(rest[2:])
+        if rest[0] == "skip":  # [pool,] conv-norm block -> [pool,] conv, norm
+            return head + f"skip.{int(rest[1]) + (rest[2] == 'norm')}." + ".".join(rest[3:])
+        return head + ".".join(rest)
+    if key.startswith("decoder.stages."):
+        return f"decoder.stages.{p[2]}.{p[4]}." + ".".join(p[5:])
+    if key.startswith("decoder.transpconvs."):
+        return "decoder.ups." + ".".join(p[2:])
+    if key.startswith("decoder.seg_layers."):  # deepest first; the last one is the full-resolution output
+        return ("decoder.out." if int(p[2]) == 4 else f"decoder.aux.{p[2]}.") + ".".join(p[3:])
+    return None
+
+
+def tang_key_map(key):
+    """MONAI SwinUNETR-SSL (Tang et al. 2022) model_swinvit.pt: the Swin encoder under
+    "module." with the MLP as mlp.fc1 / fc2 (MONAI's load_from reads those since its
+    PR 4311); its extra final LayerNorm module.norm.* has no counterpart (None)."""
+    k = key[len("module."):] if key.startswith("module.") else key
+    if k.startswith("norm."):
+        return None
+    return swinunetr_key_map("swinViT." + k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2."))
+
+
+FORMATS = {
+    "kit": "this kit's encoder.pt or ckpt.pt",
+    "amaes": "AMAES *_lw_dec_fullaug.pth (Zenodo 13604788: a Lightning state dict, network under model.)",
+    "nnssl": "nnssl / OpenMind ResEnc-L (a dict with network_weights and nnssl_adaptation_plan)",
+    "tang": "MONAI SwinUNETR-SSL model_swinvit.pt ({'state_dict': {'module.patch_embed...', 'module.layers1...'}})",
+    "brainsegfounder": "BrainSegFounder stage 1/2 ({'state_dict': {'module.swinViT...', heads}})",
+}
+
+
+def _arch_of(state):
+    """The arch of a state dict in this file's names, from its encoder's shapes."""
+    if "encoder.stages.0.0.conv.weight" in state:
+        return {32: "unet_b", 64: "unet_xl"}.get(state["encoder.stages.0.0.conv.weight"].shape[0])
+    if "encoder.stem.weight" in state:  # MedNeXt: blocks and expansion ratios of enc0-3 and the bottleneck
+        blocks = [len({k.split(".")[3] for k in state if k.startswith(f"encoder.stages.{i}.") and k.endswith("conv3.weight")})
+                  - (i > 0) for i in range(5)]
+        exp = [state[f"encoder.stages.{i}.{int(i > 0)}.conv2.weight"].shape[0] // 32 // 2 ** i for i in range(5)]
+        for name, v in ARCHS.items():
+            if v["family"] == "mednext" and [(_as_list(v["blocks"])[i], _as_list(v["exp_r"])[i]) for i in range(5)] == list(zip(blocks, exp)):
+                return name
+        return None
+    if "encoder.stem.conv.weight" in state:
+        return "resenc_l"
+    if "encoder.patch_embed.proj.weight" in state:
+        return "swinunetr"
+    return None
+
+
+def read_pretrained(ckpt):
+    """Any checkpoint dict this kit accepts -> {"format", "arch", "in_channels",
+    "model": {this file's key: tensor} (encoder.* and whatever decoder maps),
+    "unused": [the file's keys with no counterpart], "legacy_merge"}. The format is
+    detected from the contents; ValueError (naming the accepted formats) otherwise."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"a {type(ckpt).__name__}, not a checkpoint dict")
+    fmt, key_map, state, legacy = None, None, None, False
+    if "encoder" in ckpt and isinstance(ckpt["encoder"], dict):  # the kit's encoder.pt
+        fmt, state = "kit", {"encoder." + k: v for k, v in ckpt["encoder"].items()}
+    elif "model" in ckpt and isinstance(ckpt["model"], dict) and "arch" in ckpt:  # the kit's ckpt.pt
+        fmt, state = "kit", ckpt["model"]
+    elif "network_weights" in ckpt and "nnssl_adaptation_plan" in ckpt:
+        fmt, key_map, state = "nnssl", nnssl_key_map, ckpt["network_weights"]
+    else:
+        raw = ckpt.get("state_dict", ckpt)
+        if isinstance(raw, dict) and raw:
+            keys = list(raw)
+            strip = [k.replace("_orig_mod.", "") for k in keys]
+            if all(isinstance(v, torch.Tensor) for v in raw.values()) or "state_dict" in ckpt:
+                if any(k.startswith("module.swinViT.") for k in keys):
+                    fmt, key_map, legacy = "brainsegfounder", swinunetr_key_map, True
+                elif any(k.startswith("module.layers1.") or k.startswith("module.patch_embed.") for k in keys):
+                    fmt, key_map, legacy = "tang", tang_key_map, True
+                elif any(k.startswith(("model.encoder.", "encoder.")) for k in strip):
+                    fmt, key_map = "amaes", amaes_key_map
+                    raw = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in zip(strip, raw.values())}
+            state = raw
+    if fmt is None:
+        raise ValueError("matches no layout this kit reads; accepted: " + "; ".join(FORMATS.values()))
+    own = {}
+    unused = []
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        new = key_map(k) if key_map else k
+        if new is None:
+            unused.append(k)
+        else:
+            own[new] = v
+    arch = ckpt.get("arch") if fmt == "kit" else _arch_of(own)
+    if arch is None or not any(k.startswith("encoder.") for k in own):
+        raise ValueError(f"looks like {FORMATS[fmt]} but holds no encoder this kit knows")
+    stem = {"unet": "encoder.stages.0.0.conv.weight", "mednext": "encoder.stem.weight", "resenc": "encoder.stem.conv.weight",
+            "swin": "encoder.patch_embed.proj.weight"}[ARCHS[arch]["family"]]
+    return {"format": fmt, "arch": arch, "in_channels": int(own[stem].shape[1]), "model": own, "unused": unused,
+            "legacy_merge": bool(legacy or ckpt.get("legacy_merge", False))}
+
+
+# -----------------------------------------------------------------------------
 # One model class, the variants, and the transfer
 
 class EncoderDecoder(nn.Module):
@@ -571,10 +722,12 @@ def patch_rule(arch):
     return divisor, 2 * divisor
 
 
-def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None, checkpointing=False):
+def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None, checkpointing=False, legacy_merge=False):
     """Build `arch` (a key of ARCHS) as a segmentation ("seg", out_channels classes) or
     pretraining ("pretrain", out_channels defaults to in_channels) network.
-    decoder: MedNeXt only, "unet" (default, the AMAES form) or "native"."""
+    decoder: MedNeXt only, "unet" (default, the AMAES form) or "native".
+    legacy_merge: SwinUNETR only, MONAI's old PatchMerging order (for Tang et al.'s
+    and BrainSegFounder's weights; see PatchMerging)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     if mode not in ("seg", "pretrain"):
@@ -602,12 +755,13 @@ def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None
         enc = ResEncoder(in_channels, v["features"], v["blocks"])
         dec = UNetDecoder(enc.channels, out_channels, n_convs=1, aux_heads=True)
     else:
-        enc = SwinViT(in_channels, v["feature_size"])
+        enc = SwinViT(in_channels, v["feature_size"], legacy_merge=legacy_merge)
         dec = SwinSSLHeads(in_channels) if mode == "pretrain" else SwinUNETRDecoder(in_channels, out_channels, v["feature_size"])
     # PyTorch's default initialisation throughout (kaiming_uniform with a = sqrt(5),
     # uniform biases), as the AMAES networks (Yucca, weightInitializer None) and nnssl's
     # ResEnc-L MAE path use: no He-normal re-initialisation.
     model = EncoderDecoder(arch, mode, enc, dec, patch_rule(arch)[0], in_channels, out_channels)
+    model.legacy_merge = bool(legacy_merge) and fam == "swin"
     return model.set_checkpointing(checkpointing)
 
 
@@ -633,27 +787,29 @@ def adapt_first_conv(w, cin):
 def load_encoder(model, ckpt, adapt_stem=False):
     """Load pretrained encoder weights into `model.encoder`.
 
-    ckpt: {"arch": name, "encoder": state dict with keys relative to the encoder}
-    (what pretrain.py writes as encoder.pt), or such a state dict alone.
-    Every key must match by name; tensors must match by shape, except a 5-D input
-    convolution whose input-channel axis differs (a 1-channel encoder finetuned on
-    4-channel BraTS). That one keeps its fresh initialisation, as in the authors'
-    transfer (load what matches by name and shape), or with adapt_stem=True is
-    tiled over the channels by `adapt_first_conv` (our option: it gives the
-    pretrained features to an input of equal channels). Anything else raises
-    ValueError listing the offending keys.
-    Returns {"loaded": [...], "adapted": [...], "fresh": [...]} for the scripts to report.
+    ckpt: any checkpoint dict read_pretrained accepts (the kit's encoder.pt, a
+    released file), or a plain encoder state dict. Every encoder key must match by
+    name; tensors must match by shape, except a 5-D input convolution whose
+    input-channel axis differs (a 1-channel encoder finetuned on 4-channel BraTS).
+    That one keeps its fresh initialisation, as in the authors' transfer (load what
+    matches by name and shape), or with adapt_stem=True is tiled over the channels by
+    `adapt_first_conv` (our option: it gives the pretrained features to an input of
+    equal channels). Anything else raises ValueError listing the offending keys.
+    Returns {"loaded", "adapted", "fresh", "unused", "format"} for the scripts to report.
     """
     if not isinstance(ckpt, dict):
         raise ValueError(f"expected an encoder checkpoint dict, got {type(ckpt).__name__}")
-    if "encoder" in ckpt and isinstance(ckpt["encoder"], dict):
-        arch = ckpt.get("arch")
-        if arch is not None and arch != getattr(model, "arch", arch):
-            raise ValueError(f"encoder was pretrained as {arch!r} but the model is {model.arch!r}; "
-                             f"use --arch {arch} or another encoder")
-        state = ckpt["encoder"]
+    if {"format", "model", "unused"} <= set(ckpt):  # already read_pretrained's output
+        pre = ckpt
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()) and not any(
+            k.split(".")[0] in ("encoder", "model", "module") for k in ckpt):  # a bare encoder state dict
+        pre = {"format": "kit", "arch": None, "model": {"encoder." + k: v for k, v in ckpt.items()}, "unused": []}
     else:
-        state = ckpt
+        pre = read_pretrained(ckpt)
+    if pre["arch"] is not None and pre["arch"] != getattr(model, "arch", pre["arch"]):
+        raise ValueError(f"encoder was pretrained as {pre['arch']!r} but the model is {model.arch!r}; "
+                         f"use --arch {pre['arch']} or another encoder")
+    state = {k[len("encoder."):]: v for k, v in pre["model"].items() if k.startswith("encoder.")}
     own = model.encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -673,6 +829,38 @@ def load_encoder(model, ckpt, adapt_stem=False):
                 adapted.append(k)
             else:
                 raise ValueError(f"encoder tensor {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
-        new[k] = t
+        new[k] = t.to(own[k].dtype)
     model.encoder.load_state_dict(new, strict=not fresh)
-    return {"loaded": sorted(set(new) - set(adapted)), "adapted": adapted, "fresh": fresh}
+    return {"loaded": sorted(set(new) - set(adapted)), "adapted": adapted, "fresh": fresh,
+            "unused": pre["unused"] + sorted(k for k in pre["model"] if not k.startswith("encoder.")), "format": pre["format"]}
+
+
+def convert(src, dst, arch=None):
+    """A released checkpoint file -> the kit's encoder.pt (for people who copy this
+    file alone): python models.py convert SRC DST [--arch ARCH]."""
+    pre = read_pretrained(torch.load(src, map_location="cpu", weights_only=True))
+    if arch is not None and arch != pre["arch"]:
+        raise ValueError(f"{src} holds {pre['arch']} weights, not {arch}")
+    out = {"arch": pre["arch"], "in_channels": pre["in_channels"], "format": pre["format"], "legacy_merge": pre["legacy_merge"],
+           "encoder": {k[len("encoder."):]: v for k, v in pre["model"].items() if k.startswith("encoder.")}}
+    torch.save(out, str(dst) + ".tmp")
+    os.replace(str(dst) + ".tmp", dst)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(description="models.py convert SRC DST: a released pretrained checkpoint "
+                                "(" + "; ".join(FORMATS.values()) + ") -> this kit's encoder.pt")
+    p.add_argument("command", choices=["convert"])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--arch", choices=list(ARCHS), help="check that the file holds this arch")
+    a = p.parse_args()
+    try:
+        out = convert(a.src, a.dst, a.arch)
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        sys.exit(f"models.py: {a.src}: {str(e).splitlines()[0][:300]}")
+    print(f"{a.dst}: {out['arch']} encoder ({len(out['encoder'])} tensors, {out['in_channels']} input channel(s)) "
+          f"from {FORMATS[out['format']]}" + (", MONAI's legacy PatchMerging order" if out["legacy_merge"] else ""))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import data
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import write_atomic
-from training import (Interval, StopRun, add_run_flags, all_sum, check_run_flags, guarded_step, make_loader, make_optimizer,
+from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer,
                       precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 METHODS = ("amaes", "mae", "swin_ssl")
@@ -59,8 +59,9 @@ def get_args(argv=None):
     p.add_argument("--method", default="amaes", choices=METHODS, help="amaes (default), mae, or swin_ssl (swinunetr only)")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (preprocess.py output; default demo/preprocessed)")
     p.add_argument("--out", default="runs/pretrain", help="run folder (default runs/pretrain)")
-    p.add_argument("--init", metavar="CKPT", help="start from another run's weights (ckpt.pt or encoder.pt): tensors that match "
-                   "by name and shape load, the rest are listed and keep their fresh initialisation")
+    p.add_argument("--init", metavar="CKPT", help="start from pretrained weights: another run's ckpt.pt or encoder.pt, or a "
+                   "released file (as finetune.py --pretrained); tensors that match by name and shape load, the rest are "
+                   "listed and keep their fresh initialisation; without --arch the file's arch is used")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--batch", type=int, default=8, help="batch per process (default 8)")
     p.add_argument("--epochs", type=int, default=100, help="epochs (default 100)")
@@ -92,6 +93,7 @@ def get_args(argv=None):
     if not 0 <= a.val_fraction < 0.5:
         p.error("--val-fraction must be in [0, 0.5)")
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps"))
+    a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --init (Tang / BrainSegFounder weights)
     if a.aug is None:
         a.aug = "all" if a.method == "amaes" else "none"
     return a
@@ -152,22 +154,14 @@ def save_nifti(path, x):
     write_atomic(path, lambda p: p.write_bytes(gzip.compress(nib.Nifti1Image(x, np.eye(4)).to_bytes(), compresslevel=1)))
 
 
-def load_weights_by_name(model, path):
-    """--init: copy every tensor of a ckpt.pt (its model) or encoder.pt (its encoder)
-    whose name and shape match; return the names left at their fresh initialisation."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--init {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or not ("model" in ck or "encoder" in ck):
-        raise ValueError(f"--init {path}: neither a ckpt.pt (with 'model') nor an encoder.pt (with 'encoder')")
-    if ck.get("arch", model.arch) != model.arch:
-        raise ValueError(f"--init {path}: weights of {ck['arch']!r}, but --arch is {model.arch!r}")
-    state = ck["model"] if "model" in ck else {"encoder." + k: v for k, v in ck["encoder"].items()}
+def load_weights_by_name(model, pre, path):
+    """--init: copy every tensor of a pretrained file (models.read_pretrained: the kit's
+    ckpt.pt / encoder.pt or a released file) whose name and shape match; return the
+    names left at their fresh initialisation."""
     own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    fits = {k: v for k, v in pre["model"].items() if k in own and own[k].shape == v.shape}
     if not fits:
-        raise ValueError(f"--init {path}: no tensor matches {model.arch} by name and shape")
+        raise UserError(f"--init {path}: no tensor matches {model.arch} by name and shape")
     model.load_state_dict(fits, strict=False)
     return sorted(set(own) - set(fits))
 
@@ -197,14 +191,19 @@ def train(a):
 
     # -- model, optimiser, precision ------------------------------------------
     torch.manual_seed(a.seed)
-    model = build_model(a.arch, in_channels=in_ch, mode="pretrain", checkpointing=a.checkpointing)
+    pre = load_pretrained_file(a.init, "--init") if a.init and ck is None else None
+    if pre is not None:  # a released file says which network it is (and how SwinUNETR merges patches)
+        if "arch" in a.given and a.arch != pre["arch"]:
+            raise UserError(f"--init {a.init} holds {pre['arch']} weights, but --arch is {a.arch}")
+        a.arch, a.legacy_merge = pre["arch"], pre["legacy_merge"]
+        check_patch(a.arch, a.patch)
+    model = build_model(a.arch, in_channels=in_ch, mode="pretrain", checkpointing=a.checkpointing, legacy_merge=a.legacy_merge)
     if a.arch == "swinunetr" and a.method != "swin_ssl":
         # masked modelling uses only the reconstruction head; frozen heads keep DDP
         # from waiting for gradients that never come
         model.decoder.rotation_head.requires_grad_(False), model.decoder.contrastive_head.requires_grad_(False)
-    if a.init and ck is None:
-        with user_input():
-            fresh = load_weights_by_name(model, a.init)
+    if pre is not None:
+        fresh = load_weights_by_name(model, pre, a.init)
         say(f"init: loaded {len(model.state_dict()) - len(fresh)} tensors from {a.init}; "
             f"re-initialised {len(fresh)}" + (f": {', '.join(fresh[:8])}" + (" ..." if len(fresh) > 8 else "") if fresh else ""))
     model.to(ctx.device)

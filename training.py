@@ -252,6 +252,37 @@ def wrap(model, compile_, ctx):
     return net
 
 
+def check_patch(arch, patch):
+    """UserError unless `patch` suits `arch` (models.patch_rule)."""
+    import models
+    divisor, minimum = models.patch_rule(arch)
+    if patch % divisor or patch < minimum:
+        raise UserError(f"--patch {patch}: {arch} needs a multiple of {divisor}, at least {minimum}")
+
+
+def load_pretrained_file(path, flag):
+    """models.read_pretrained of a file, with one clear line (UserError) for a file
+    that is missing, truncated or not a torch file, that holds pickled Python objects
+    (refused: weights_only loading never runs them), or that matches no known layout."""
+    import models  # models.py is torch-only and imported by every script anyway
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except Exception as e:
+        msg = str(e)
+        if "Unsupported global" in msg or "GLOBAL " in msg:
+            what = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")[:160]
+            raise UserError(f"{flag} {path}: refused: the file holds pickled Python objects ({what}); only tensors and plain "
+                            "values are loaded (torch.load weights_only), so nothing in it was run") from None
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated, or not a torch file: "
+                        f"{type(e).__name__}: {msg.splitlines()[0][:120] if msg else ''})") from None
+    try:
+        return models.read_pretrained(ck)
+    except ValueError as e:
+        raise UserError(f"{flag} {path}: {e}") from None
+
+
 def set_lr(opt, lr):
     for g in opt.param_groups:
         g["lr"] = lr

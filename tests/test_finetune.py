@@ -97,7 +97,7 @@ def test_transfer_is_exact_and_bad_encoders_are_named(demo, encoder, tmp_path, c
     enc = torch.load(encoder, weights_only=True)["encoder"]
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in enc.items())
     assert finetune.main(base + ["--arch", "unet_xl", "--pretrained", str(encoder), "--out", str(tmp_path / "b")]) == 2
-    assert "pretrained as 'unet_b' but the model is 'unet_xl'" in capsys.readouterr().err
+    assert "holds unet_b weights, but --arch is unet_xl" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
     assert finetune.main(base + ["--pretrained", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err

@@ -108,18 +108,18 @@ def test_init_reinitialises_what_does_not_fit(tmp_path):
     src = build_model("unet_b", in_channels=1, mode="pretrain")
     torch.save({"arch": "unet_b", "model": src.state_dict()}, tmp_path / "ckpt.pt")
     dst = build_model("unet_b", in_channels=2, mode="pretrain")  # a 2-channel second stage
-    fresh = pretrain.load_weights_by_name(dst, tmp_path / "ckpt.pt")
+    pre = training.load_pretrained_file(tmp_path / "ckpt.pt", "--init")
+    fresh = pretrain.load_weights_by_name(dst, pre, tmp_path / "ckpt.pt")
     differ = sorted(k for k, v in dst.state_dict().items() if src.state_dict()[k].shape != v.shape)
     assert fresh == differ and len(differ) == 3  # stem weight, output weight and bias
     for k, v in dst.state_dict().items():
         if k not in fresh:
             assert torch.equal(v, src.state_dict()[k]), k
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt"):
-        pretrain.load_weights_by_name(dst, tmp_path / "bad.pt")
-    torch.save({"arch": "unet_xl", "encoder": {}}, tmp_path / "xl.pt")
-    with pytest.raises(ValueError, match="unet_xl"):
-        pretrain.load_weights_by_name(dst, tmp_path / "xl.pt")
+    with pytest.raises(training.UserError, match="bad.pt"):
+        training.load_pretrained_file(tmp_path / "bad.pt", "--init")
+    torch.save({"arch": "unet_xl", "encoder": build_model("unet_xl", mode="pretrain").encoder.state_dict()}, tmp_path / "xl.pt")
+    assert pretrain.main(["--init", str(tmp_path / "xl.pt"), "--arch", "unet_b", "--out", str(tmp_path / "r")]) == 2
 
 
 def test_swin_ssl_heads_all_get_gradient():
