@@ -41,6 +41,8 @@ Presets (probabilities per sample, the authors' values in RECIPE):
            additive noise, blur, multiplicative noise, ghosting, Gibbs ringing, low
            resolution, bias field, gamma; each clipped to its input's range in
            pretraining (clip=False for the from-scratch finetuning preset).
+  wald     Wald et al.'s MAE recipe (WALD): rotation (p 0.2, every axis), scaling
+           0.7..1.4 (p 0.2), mirroring (p 0.5 per axis); no intensity rows.
 """
 import json
 import math
@@ -53,7 +55,7 @@ import torchio as tio
 from torchio.transforms import IntensityTransform, SpatialTransform
 from torchio.transforms.augmentation import RandomTransform
 
-PRESETS = ("none", "spatial", "all")
+PRESETS = ("none", "spatial", "all", "wald")
 
 # The authors' recipe (amaes src/augmentations/augmentation_composer.py, Yucca 1.1.7
 # defaults): probabilities and ranges, one plain dict.
@@ -65,6 +67,9 @@ RECIPE = dict(
     gibbs=0.2, gibbs_keep=(96, 128), low_resolution=0.2, lowres_channel=0.5, lowres_axis=0.33, lowres_zoom=(0.5, 1.0),
     bias_field=0.33, gamma=0.2, gamma_invert=0.05, gamma_low=(0.5, 1.0), gamma_high=(1.0, 2.0),
 )
+# Wald et al.'s MAE pretraining (nnssl BaseMAETrainer): rotation +-30 on every axis with p 0.2,
+# isotropic scaling 0.7..1.4 with p 0.2, mirroring of each axis with p 0.5; no elastic, no intensity rows
+WALD = dict(RECIPE, elastic=0.0, rotation_axis=1.0, scale_range=(0.7, 1.4), mirror=1.0)
 SPATIAL_ROWS = ("elastic", "rotation", "scale", "mirror")
 INTENSITY_ROWS = ("additive_noise", "blur", "multiplicative_noise", "ghosting", "gibbs", "low_resolution", "bias_field", "gamma")
 
@@ -166,7 +171,7 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
     not fire are left out. The draws follow the authors' structure: per sample, then
     per channel (and per axis) where their transforms draw so."""
     rng = np.random.default_rng([seed, k, 1])
-    r = recipe
+    r = WALD if preset == "wald" else recipe
     p = {"key": key_of(seed, k, 2), "clip": clip, "spatial": {}, "intensity": {}}
     if preset == "none":
         return p

@@ -13,13 +13,18 @@ cases are drawn from the train split by --seed (data.select_few_shot): a 20-shot
 reads 20 labelled cases and no other, and evaluate.py uses its last weights, as the
 authors do. FT/cases.json lists every labelled case the run read.
 
-Defaults are the paper's and the authors' code's (Munk et al. 2024; asbjrnmunk/amaes
-src/train.py): 500 epochs x 100 batches of 8,
-patch 128, AdamW lr 1e-4 wd 3e-5, cosine annealing per epoch with T_max 575 and
-eta_min 1e-9, foreground oversampling 0.33, loss soft Dice (softmax, background
-included, per sample, smooth 1) + CE. Augmentation: the spatial preset when finetuning,
-the full AMAES preset from scratch (--aug overrides). Same DDP, AMP, checkpoint, resume
-and non-finite-loss rules as pretrain.py.
+Recipes (--recipe; every number is still a flag, resolved values saved in args.json):
+  amaes  (default) Munk et al. 2024 (asbjrnmunk/amaes src/train.py with Yucca 1.1.7):
+         500 epochs x 100 batches of 8, patch 128, AdamW lr 1e-4 wd 3e-5, cosine
+         annealing per epoch with T_max 575 and eta_min 1e-9, foreground oversampling
+         0.33, loss soft Dice (softmax, background included, per sample, smooth 1) + CE.
+         Augmentation: the spatial preset when finetuning, the full recipe (unclipped,
+         Yucca's default) from scratch (--aug overrides).
+  wald   nnssl's nnU-Net PretrainedTrainer (TaWald/nnUNet, for Wald et al.'s MAE): SGD
+         Nesterov momentum 0.99, lr 1e-3, wd 3e-5, linear warm-up of the whole network
+         over 50 epochs then poly 0.9 to 1000 epochs of 250 batches of 2, patch 160,
+         Dice (background excluded, smooth 1e-5) + CE, no deep supervision.
+Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
 
 FT/ holds args.json, cases.json, log.jsonl and ckpt.pt (the last state: for --resume
 and for evaluate.py). Model selection is ours and leaves the paper's protocol:
@@ -47,6 +52,15 @@ from training import (Interval, StopRun, UserError, add_run_flags, all_sum, chec
 
 
 
+# The finetuning recipes: the value of every flag a recipe sets, one plain dict each
+RECIPES = {
+    "amaes": dict(patch=128, batch=8, epochs=500, steps_per_epoch=100, optimizer="adamw", lr=1e-4, wd=3e-5, schedule="cosine",
+                  t_max=575.0, eta_min=1e-9, warmup_epochs=0, dice_smooth=1.0, dice_background="include"),
+    "wald": dict(patch=160, batch=2, epochs=1000, steps_per_epoch=250, optimizer="sgd", lr=1e-3, wd=3e-5, schedule="warmup_poly",
+                 t_max=575.0, eta_min=0.0, warmup_epochs=50, dice_smooth=1e-5, dice_background="exclude"),
+}
+
+
 def get_args(argv=None):
     """Parsed flags, checked; a.given holds the flags whose value is not the default."""
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,30 +76,44 @@ def get_args(argv=None):
                    "validation Dice and keep best.pt (default 0: the run reads exactly --n-train labelled cases)")
     p.add_argument("--tile-stem", action="store_true", help="ours, not the paper's: a pretrained first convolution with fewer "
                    "input channels than the task is tiled over them (default: it stays freshly initialised, as the authors')")
-    p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
-    p.add_argument("--batch", type=int, default=8, help="batch per process (default 8)")
-    p.add_argument("--epochs", type=int, default=500, help="epochs (default 500)")
-    p.add_argument("--steps-per-epoch", type=int, default=100, help="batches per epoch (default 100)")
+    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s finetuning) or wald "
+                   "(nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE); any flag below overrides one number of it")
+    p.add_argument("--patch", type=int, help="cubic patch side (recipe: 128 / 160)")
+    p.add_argument("--batch", type=int, help="batch per process (recipe: 8 / 2)")
+    p.add_argument("--epochs", type=int, help="epochs (recipe: 500 / 1000)")
+    p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (recipe: 100 / 250)")
     p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--wd", type=float, default=3e-5, help="AdamW weight decay (default 3e-5)")
-    p.add_argument("--t-max", type=float, default=575, help="cosine annealing period in epochs (default 575)")
-    p.add_argument("--eta-min", type=float, default=1e-9, help="cosine annealing floor (default 1e-9)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / sgd)")
+    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3)")
+    p.add_argument("--wd", type=float, help="weight decay (recipe: 3e-5 / 3e-5)")
+    p.add_argument("--schedule", choices=("cosine", "warmup_poly"), help="cosine annealing per epoch (T_max, eta_min), or "
+                   "linear warm-up of the whole network over --warmup-epochs then poly 0.9 (recipe: cosine / warmup_poly)")
+    p.add_argument("--t-max", type=float, help="cosine annealing period in epochs (recipe: 575)")
+    p.add_argument("--eta-min", type=float, help="cosine annealing floor (recipe: 1e-9)")
+    p.add_argument("--warmup-epochs", type=int, help="warm-up epochs of warmup_poly (recipe: 50)")
     p.add_argument("--fg-p", type=float, default=0.33, help="share of patches forced to hold a labelled voxel, drawn from "
                    "all classes' voxels pooled, anywhere in the patch (default 0.33, the authors')")
     p.add_argument("--centre-fg", action="store_true", help="ours, not the paper's: a forced patch is centred on its voxel")
     p.add_argument("--interp", default="cubic", choices=("cubic", "linear"), help="image resampling of the spatial rows: "
                    "cubic B-spline (default, the authors') or linear (ours: faster; leaves the paper's recipe)")
     p.add_argument("--loss", default="dice_ce", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1 (default), or one of them")
-    p.add_argument("--dice-smooth", type=float, default=1.0, help="soft Dice smoothing term (default 1)")
+    p.add_argument("--dice-smooth", type=float, help="soft Dice smoothing term (recipe: 1 / 1e-5)")
+    p.add_argument("--dice-background", choices=("include", "exclude"), help="background class in the soft Dice (recipe: "
+                   "include / exclude, nnU-Net's do_bg False)")
     p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (default spatial when finetuning, all from scratch)")
     p.add_argument("--val-every", type=int, default=50, help="validate every N epochs, and at the end (default 50)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case selection, samples and initialisation (default 0)")
     add_run_flags(p)
     a = p.parse_args(argv)
+    given = {k for k, v in vars(a).items() if v is not None and v != p.get_default(k)}
+    for k, v in RECIPES[a.recipe].items():  # the recipe fills every number not given
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every"))
+    a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
     a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --pretrained (Tang / BrainSegFounder weights)
+    a.grad_clip = a.grad_clip or 0.0
     if a.resume and any(Path(a.out, n).exists() for n in ("ckpt.pt", "ckpt_prev.pt")):
         return a  # the rest comes from the run's checkpoint
     if a.pretrained is None:
@@ -110,16 +138,23 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 
 def lr_at(step, steps_per_epoch, epochs, total, a):
-    """Cosine annealing stepped per epoch (T_max in epochs, eta_min floor). With --steps
-    the run has fewer epochs and T_max shrinks in proportion."""
-    t_max = a.t_max * math.ceil(total / steps_per_epoch) / epochs  # = a.t_max for the full run
+    """Stepped per epoch. cosine (AMAES): annealing with T_max in epochs and an eta_min
+    floor. warmup_poly (nnssl's PretrainedTrainer): lr (e + 1) / W for the first W
+    epochs, then lr (1 - (e - W) / (epochs - W)) ** 0.9. With --steps the run has fewer
+    epochs and T_max / W shrink in proportion."""
+    run_epochs = math.ceil(total / steps_per_epoch)
     e = step // steps_per_epoch
+    if a.schedule == "warmup_poly":
+        w = max(1, round(a.warmup_epochs * run_epochs / epochs))
+        return a.lr * (e + 1) / w if e < w else a.lr * (1 - (e - w) / max(1, run_epochs - w)) ** 0.9
+    t_max = a.t_max * run_epochs / epochs  # = a.t_max for the full run
     return a.eta_min + (a.lr - a.eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2
 
 
-def seg_loss(logits, seg, kind="dice_ce", smooth=1.0):
-    """logits (B, K, *S), seg (B, *S) class indices. Soft Dice: softmax, background
-    included, per sample and class, then averaged; CE over voxels; summed 1:1."""
+def seg_loss(logits, seg, kind="dice_ce", smooth=1.0, background=True):
+    """logits (B, K, *S), seg (B, *S) class indices. Soft Dice: softmax, per sample and
+    class (background included unless background=False), then averaged; CE over
+    voxels; summed 1:1."""
     logits = logits.float()
     out = 0
     if kind in ("dice_ce", "ce"):
@@ -129,7 +164,7 @@ def seg_loss(logits, seg, kind="dice_ce", smooth=1.0):
         g = F.one_hot(seg, logits.shape[1]).movedim(-1, 1).float()
         dims = tuple(range(2, logits.dim()))
         dice = (2 * (p * g).sum(dims) + smooth) / (p.sum(dims) + g.sum(dims) + smooth)  # (B, K)
-        out = out + 1 - dice.mean()
+        out = out + 1 - (dice if background else dice[:, 1:]).mean()
     return out
 
 
@@ -188,7 +223,7 @@ def train(a):
     lut = torch.zeros(256, dtype=torch.long, device=ctx.device)
     lut[values] = torch.arange(len(values), device=ctx.device)  # label value -> class index
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
-    opt = make_optimizer(model.parameters(), "adamw", a.lr, a.wd, ctx.device)
+    opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step, best = restore(ck, model, opt, scaler), ck["best"] if ck is not None else -1.0
     net = wrap(model, a.compile, ctx)
 
@@ -246,7 +281,7 @@ def train(a):
         set_lr(opt, lr)
         with autocast:
             logits = net(img)  # (B, K, P, P, P)
-        loss = seg_loss(logits, lut[seg], a.loss, a.dice_smooth)
+        loss = seg_loss(logits, lut[seg], a.loss, a.dice_smooth, a.dice_background == "include")
         skipped = guarded_step(loss, opt, scaler, a.grad_clip, a.dtype == "fp16")
         meter.add(s, loss, skipped)
         step = s + 1

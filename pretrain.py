@@ -12,14 +12,24 @@ Methods:
   mae       the same without augmentation (the paper's ablation).
   swin_ssl  Tang et al.'s SSL for --arch swinunetr: two rotated, cut-out views per
             sample; loss = rotation CE + NT-Xent (temperature 0.5) + L1 reconstruction.
-Wald et al.'s setting is a command line away: --mask-token 16 --mask-ratio 0.75 --loss-on masked.
-
-Defaults are the paper's and the authors' code's (Munk et al. 2024, arXiv 2408.00640;
-github.com/asbjrnmunk/amaes): patch 128, batch 8 per process,
-AdamW lr 1e-4 wd 0.01, linear warm-up from lr*1e-3 over 5 epochs then cosine to 0,
-stepped every iteration; 100 epochs of int(n_train / (batch * world)) steps; 1 % of
-the volumes held out for validation; bf16 autocast on GPUs that have it, fp16 with a
-GradScaler on those that do not, fp32 on the CPU.
+Recipes (--recipe; every number is still a flag of its own, and the resolved numbers
+are printed and saved in args.json):
+  amaes  (default) Munk et al. 2024 (arXiv 2408.00640; asbjrnmunk/amaes src/pretrain.py):
+         patch 128, batch 8 per process, AdamW lr 1e-4 wd 0.01, linear warm-up from
+         lr * 1e-3 over 5 epochs then cosine to 0 (per step), 100 epochs of
+         int(n_train / (batch * world)) steps, mask 0.6 of 4^3 tokens, MSE on all voxels,
+         augmentation "all"; bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU.
+  tang   Tang et al. 2022 (Project-MONAI/research-contributions SwinUNETR/Pretrain
+         main.py) as AMAES compared with it: swin_ssl on swinunetr, AdamW lr 4e-4 wd 0.1,
+         warm-up from 0 over 500 steps then cosine to 0 (per step), fp16 + GradScaler
+         (AMP), 128^3 for 100 epochs (AMAES's setting; Tang's own crops were 96^3).
+  wald   Wald et al. 2024, dense MAE with ResEnc-L (MIC-DKFZ/nnssl BaseMAETrainer): SGD
+         Nesterov momentum 0.99, lr 1e-2, wd 3e-5, poly (1 - epoch/epochs)^0.9 stepped per
+         epoch, 1000 epochs x 250 steps (250k), batch 8, patch 160, gradient clip 12,
+         16^3 mask blocks, ratio U(0.6, 0.9) drawn per batch (the final variant; 0.75
+         fixed with --mask-ratio-range 0.75 0.75), MSE on masked voxels, augmentation
+         rotation +-30 (p 0.2) / scaling 0.7..1.4 (p 0.2) / mirroring, no intensity rows,
+         fp16 AMP. (nnssl z-scores each volume; this kit's preprocessing is AMAES's.)
 
 RUN/ holds args.json, log.jsonl (one JSON line per --log-every steps, per validation
 and per skipped step), ckpt.pt (everything needed to continue; written every
@@ -50,36 +60,67 @@ from training import (Interval, StopRun, UserError, add_run_flags, all_sum, chec
 
 METHODS = ("amaes", "mae", "swin_ssl")
 INTERP = {"cubic": 3, "linear": 1}
+# The three papers' recipes: the value of every flag a recipe sets, one plain dict each
+RECIPES = {
+    "amaes": dict(method="amaes", optimizer="adamw", lr=1e-4, wd=0.01, schedule="cosine", warmup_epochs=5.0, warmup_steps=None,
+                  warmup_start=1e-3, epochs=100, steps_per_epoch=None, patch=128, batch=8, mask_ratio_range=[0.6, 0.6],
+                  mask_token=4, loss_on="all", aug="all", grad_clip=0.0, dtype="auto"),
+    "tang": dict(method="swin_ssl", optimizer="adamw", lr=4e-4, wd=0.1, schedule="cosine", warmup_epochs=None, warmup_steps=500,
+                 warmup_start=0.0, epochs=100, steps_per_epoch=None, patch=128, batch=8, mask_ratio_range=[0.6, 0.6],
+                 mask_token=4, loss_on="all", aug="none", grad_clip=0.0, dtype="fp16"),
+    "wald": dict(method="mae", optimizer="sgd", lr=1e-2, wd=3e-5, schedule="poly", warmup_epochs=None, warmup_steps=0,
+                 warmup_start=1e-3, epochs=1000, steps_per_epoch=250, patch=160, batch=8, mask_ratio_range=[0.6, 0.9],
+                 mask_token=16, loss_on="masked", aug="wald", grad_clip=12.0, dtype="fp16"),
+}
 
 
 def get_args(argv=None):
     """Parsed flags, checked; a.given holds the flags whose value is not the default."""
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="unet_b", choices=list(ARCHS), help="network (default unet_b)")
-    p.add_argument("--method", default="amaes", choices=METHODS, help="amaes (default), mae, or swin_ssl (swinunetr only)")
+    p.add_argument("--arch", choices=list(ARCHS), help="network (default: the recipe's: unet_b / swinunetr / resenc_l; "
+                   "with --init a released file's)")
+    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="a paper's whole recipe (default amaes; tang: the "
+                   "SwinUNETR-SSL baseline; wald: the dense MAE of Wald et al.); any flag below overrides one number of it")
+    p.add_argument("--method", choices=METHODS, help="amaes, mae, or swin_ssl (swinunetr only) (recipe: amaes / swin_ssl / mae)")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (preprocess.py output; default demo/preprocessed)")
     p.add_argument("--out", default="runs/pretrain", help="run folder (default runs/pretrain)")
     p.add_argument("--init", metavar="CKPT", help="start from pretrained weights: another run's ckpt.pt or encoder.pt, or a "
                    "released file (as finetune.py --pretrained); tensors that match by name and shape load, the rest are "
                    "listed and keep their fresh initialisation; without --arch the file's arch is used")
-    p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
-    p.add_argument("--batch", type=int, default=8, help="batch per process (default 8)")
-    p.add_argument("--epochs", type=int, default=100, help="epochs (default 100)")
-    p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (default int(n_train / (batch * world)))")
+    p.add_argument("--patch", type=int, help="cubic patch side (recipe: 128 / 128 / 160)")
+    p.add_argument("--batch", type=int, help="batch per process (recipe: 8)")
+    p.add_argument("--epochs", type=int, help="epochs (recipe: 100 / 100 / 1000)")
+    p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (recipe: int(n_train / (batch * world)), wald 250)")
     p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4; Tang et al. used 4e-4 for swin_ssl)")
-    p.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay (default 0.01; Tang et al. 0.1)")
-    p.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up from lr*1e-3, in epochs (default 5)")
-    p.add_argument("--mask-ratio", type=float, default=0.6, help="share of tokens masked (default 0.6)")
-    p.add_argument("--mask-token", type=int, default=4, help="mask token side in voxels (default 4; Wald et al. 16)")
-    p.add_argument("--loss-on", default="all", choices=("all", "masked"), help="MSE over all voxels (default) or masked voxels only")
-    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (default: all for amaes, none for mae and swin_ssl)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / adamw / sgd)")
+    p.add_argument("--lr", type=float, help="peak learning rate (recipe: 1e-4 / 4e-4 / 1e-2)")
+    p.add_argument("--wd", type=float, help="weight decay (recipe: 0.01 / 0.1 / 3e-5)")
+    p.add_argument("--schedule", choices=("cosine", "poly"), help="linear warm-up then cosine to 0 per step, or poly "
+                   "(1 - epoch/epochs)^0.9 per epoch (recipe: cosine / cosine / poly)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up, in epochs (recipe: 5 for amaes)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up, in steps (recipe: 500 for tang); wins over --warmup-epochs")
+    p.add_argument("--warmup-start", type=float, help="warm-up starts at lr times this (recipe: 1e-3 for amaes, 0 for tang)")
+    p.add_argument("--mask-ratio", type=float, help="share of tokens masked (recipe: 0.6 amaes); sets --mask-ratio-range R R")
+    p.add_argument("--mask-ratio-range", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="mask ratio drawn U(LO, HI) per batch, the same on every rank (recipe: 0.6 0.6 / - / 0.6 0.9)")
+    p.add_argument("--mask-token", type=int, help="mask token side in voxels (recipe: 4 / - / 16)")
+    p.add_argument("--loss-on", choices=("all", "masked"), help="MSE over all voxels or masked voxels only (recipe: all / - / masked)")
+    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe: all / none / wald; mae: none)")
     p.add_argument("--interp", default="cubic", choices=list(INTERP), help="spatial resampling: cubic B-spline (default, "
                    "the authors') or linear (ours: faster, blurrier; leaves the paper's recipe)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of volumes held out for validation (default 0.01; at least 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, masks, split and initialisation (default 0)")
     add_run_flags(p)
     a = p.parse_args(argv)
+    given = {k for k, v in vars(a).items() if v is not None and v != p.get_default(k)}
+    if a.mask_ratio is not None:
+        a.mask_ratio_range = [a.mask_ratio, a.mask_ratio]
+    for k, v in RECIPES[a.recipe].items():  # the recipe fills every number not given
+        if getattr(a, k) is None or (k == "dtype" and "dtype" not in given):
+            setattr(a, k, v)
+    if a.method == "mae" and "aug" not in given and a.recipe == "amaes":
+        a.aug = "none"  # the plain-MAE ablation of AMAES: no augmentation
+    a.arch = a.arch or {"amaes": "unet_b", "tang": "swinunetr", "wald": "resenc_l"}[a.recipe]
     if a.method == "swin_ssl" and a.arch != "swinunetr":
         p.error(f"--method swin_ssl is SwinUNETR's own SSL (rotation, contrastive and reconstruction heads on its "
                 f"Swin bottleneck); use --arch swinunetr, or --method amaes / mae for {a.arch}")
@@ -88,24 +129,28 @@ def get_args(argv=None):
         p.error(f"--patch {a.patch}: {a.arch} needs a multiple of {divisor}, at least {minimum}")
     if a.method != "swin_ssl" and (a.mask_token < 1 or a.patch % a.mask_token):
         p.error(f"--patch {a.patch} is not divisible by --mask-token {a.mask_token}")
-    if not 0 <= a.mask_ratio < 1:
-        p.error("--mask-ratio must be in [0, 1)")
+    if not 0 <= a.mask_ratio_range[0] <= a.mask_ratio_range[1] < 1:
+        p.error("--mask-ratio / --mask-ratio-range must be in [0, 1), LO <= HI")
     if not 0 <= a.val_fraction < 0.5:
         p.error("--val-fraction must be in [0, 0.5)")
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps"))
+    a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
     a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --init (Tang / BrainSegFounder weights)
-    if a.aug is None:
-        a.aug = "all" if a.method == "amaes" else "none"
     return a
 
 
 # -----------------------------------------------------------------------------
 # Pieces the loop uses
 
-def lr_at(step, total, warmup, lr):
-    """Linear warm-up from lr*1e-3 to lr over `warmup` steps, then cosine to 0 at `total`."""
+def lr_at(step, total, warmup, lr, start=1e-3, schedule="cosine", steps_per_epoch=1):
+    """cosine: linear warm-up from lr * start to lr over `warmup` steps, then cosine to
+    0 at `total` (per step; AMAES, and Tang et al.'s WarmupCosineSchedule with start 0).
+    poly: lr * (1 - epoch / epochs) ** 0.9, stepped per epoch (nnU-Net / nnssl PolyLR)."""
+    if schedule == "poly":
+        epochs = math.ceil(total / steps_per_epoch)
+        return lr * (1 - (step // steps_per_epoch) / epochs) ** 0.9
     if step < warmup:
-        return lr * (1e-3 + (1 - 1e-3) * step / warmup)
+        return lr * (start + (1 - start) * step / warmup)
     t = (step - warmup) / max(1, total - warmup)
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -135,7 +180,9 @@ def compute_loss(model, inp, target, a, key, autocast):
         parts = {"rot": F.cross_entropy(r.float(), rot), "contrast": nt_xent(c),
                  "rec": F.l1_loss(rec.float(), targets)}
         return sum(parts.values()), parts, (views, rec, targets)
-    masked, mask = data.random_mask(inp, a.mask_ratio, a.mask_token, generator(inp.device, *key))
+    lo, hi = a.mask_ratio_range  # per batch, from (seed, step) only: the same on every rank
+    ratio = lo if lo == hi else float(np.random.default_rng([key[0], key[1], 7]).uniform(lo, hi))
+    masked, mask = data.random_mask(inp, ratio, a.mask_token, generator(inp.device, *key))
     with autocast:
         out = model(masked)
     out = out[2] if isinstance(out, tuple) else out  # SwinUNETR's SSL model: its reconstruction head
@@ -186,7 +233,8 @@ def train(a):
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
     spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * ctx.world))
     total = a.steps or a.epochs * spe
-    warmup = round(total * a.warmup_epochs / a.epochs)
+    # warm-up in steps (tang) or in epochs (amaes); with --steps it shrinks with the run
+    warmup = a.warmup_steps if a.warmup_steps is not None else round(total * (a.warmup_epochs or 0) / a.epochs)
     in_ch = int(ds_json.get("n_channels", 1))
 
     # -- model, optimiser, precision ------------------------------------------
@@ -207,14 +255,17 @@ def train(a):
         say(f"init: loaded {len(model.state_dict()) - len(fresh)} tensors from {a.init}; "
             f"re-initialised {len(fresh)}" + (f": {', '.join(fresh[:8])}" + (" ..." if len(fresh) > 8 else "") if fresh else ""))
     model.to(ctx.device)
+    if a.dtype == "fp16" and not ctx.cuda and "dtype" not in a.given:
+        a.dtype = "fp32"  # a recipe's fp16 AMP is for GPUs
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
-    opt = make_optimizer(model.parameters(), "adamw", a.lr, a.wd, ctx.device)
+    opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step = restore(ck, model, opt, scaler)
     net = wrap(model, a.compile, ctx)
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
         (out / "samples").mkdir(exist_ok=True)
     say(describe(model))
+    say(f"recipe {a.recipe}: " + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe]))
     say(f"{a.method}: {len(train_cases)} train / {len(val_cases)} validation volumes, {ctx.world} process(es) x batch {a.batch}, "
         f"patch {a.patch}^3, {total} steps ({spe} per epoch, warm-up {warmup}), {a.dtype} on {ctx.device.type}, aug {a.aug}")
 
@@ -260,7 +311,7 @@ def train(a):
             inp, target = data.augment_batch(train_ds, *batch)  # (B, C, P, P, P) each
         else:  # augmented in the workers
             inp, target = (t.float() for t in batch)
-        lr = lr_at(s, total, warmup, a.lr)
+        lr = lr_at(s, total, warmup, a.lr, a.warmup_start, a.schedule, spe)
         set_lr(opt, lr)
         loss, parts, _ = compute_loss(net, inp, target, a, (a.seed, s, ctx.rank), autocast)
         skipped = guarded_step(loss, opt, scaler, a.grad_clip, a.dtype == "fp16")

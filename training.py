@@ -67,7 +67,7 @@ def add_run_flags(p, ckpt_every=1000):
                    "same command picks up where it stopped")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="autocast dtype (default auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU)")
-    p.add_argument("--grad-clip", type=float, default=0, help="clip the gradient norm to this (default 0 = off)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default: the recipe's, 0 = off; wald 12)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30 %% more compute)")
     p.add_argument("--workers", type=int, default=None,

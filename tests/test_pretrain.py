@@ -30,7 +30,7 @@ def test_schedule_is_the_papers():
     assert pretrain.lr_at(total, total, warmup, lr) == pytest.approx(0, abs=1e-15)
     a = pretrain.get_args([])
     assert (a.patch, a.batch, a.lr, a.wd, a.epochs, a.warmup_epochs) == (128, 8, 1e-4, 0.01, 100, 5)
-    assert (a.mask_ratio, a.mask_token, a.loss_on, a.aug, a.val_fraction) == (0.6, 4, "all", "all", 0.01)
+    assert (a.mask_ratio_range, a.mask_token, a.loss_on, a.aug, a.val_fraction) == ([0.6, 0.6], 4, "all", "all", 0.01)
     assert pretrain.get_args(["--method", "mae"]).aug == "none"
 
 
