@@ -112,7 +112,7 @@ def load_model(path, device="cpu"):
         raise FileNotFoundError(f"{path} does not exist; is --run a finetune.py run folder?")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(ck["arch"], ck["in_channels"], len(ck["label_values"]), decoder=ck.get("decoder"),
+        model = build_model(ck["arch"], ck["in_channels"], ck.get("n_outputs", len(ck["label_values"])), decoder=ck.get("decoder"),
                             legacy_merge=ck.get("legacy_merge", False))
         model.load_state_dict(ck["model"])
     except Exception as e:
@@ -123,59 +123,129 @@ def load_model(path, device="cpu"):
 def predict(model, image, info, meta, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None):
     """Label map on the original image's grid (uint8, the dataset's label values) for
     a preprocessed image (C, X, Y, Z) numpy array: sliding-window logits, resized to
-    the native grid and argmaxed there (preprocess.native_argmax)."""
+    the native grid and argmaxed there (preprocess.native_argmax). A model trained on
+    regions (sigmoid outputs) gives a region map per output, turned into labels as
+    nnU-Net does: in region order, where region k is on, the label regions_class_order[k]."""
     device = next(model.parameters()).device
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).to(device)
     logits = sliding_window(model, x, info["patch"], overlap, blend, tta, batch, autocast)
-    return np.asarray(info["label_values"], dtype=np.uint8)[preprocess.native_argmax(logits, meta)]
+    regions = info.get("training_regions")
+    if not regions:
+        return np.asarray(info["label_values"], dtype=np.uint8)[preprocess.native_argmax(logits, meta)]
+    bits = preprocess.native_argmax(logits, meta, regions=True)
+    order = info.get("regions_class_order") or [max(v) for v in regions.values()]
+    out = np.zeros(bits.shape, np.uint8)
+    for k, value in enumerate(order):
+        out[(bits >> k) & 1 == 1] = value
+    return out
 
 
 # -----------------------------------------------------------------------------
-# Metrics
+# Metrics, with each challenge's conventions
 
-def surface(mask):
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+# What each set of rules does where a mask is empty, and how HD95 is taken (printed with the table)
+RULES = {
+    "default": "Dice / Jaccard NaN when reference and prediction are both empty (left out of the mean, counted); "
+               "HD95 = 95th percentile of the surface distances of both directions pooled, NaN when either mask is empty",
+    "brats": "BraTS 2021: Dice 1 when both are empty, 0 when only one is; HD95 = the larger of the two directed 95th "
+             "percentiles, 0 when both are empty, 373.13 mm when only one is",
+    "wmh": "WMH 2017 (hjkuijf/wmhchallenge): label 2 masked out of the prediction, label 1 scored; HD95 = the larger of the "
+           "two directed 95th percentiles between in-plane edges, NaN without a prediction; AVD %; lesion recall and F1 "
+           "(26-connected lesions)",
+    "isles": "ISLES 2022: Dice 1 when both are empty; absolute volume difference (ml); lesion F1 = TP / (TP + (FP + FN) / 2) "
+             "and lesion count difference (26-connected lesions), F1 1 when neither has a lesion; no HD95",
+}
+BRATS_HD_EMPTY = 373.13  # mm: BraTS's penalty when exactly one mask is empty
 
 
-def hd95(pred, ref, spacing):
+def surface(mask, structure=None):
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def hd95(pred, ref, spacing, pooled=True, structure=None):
     """95th percentile of the distances (mm) from each surface voxel of one mask to the
-    nearest surface voxel of the other, both directions pooled. NaN if either is empty."""
+    nearest surface voxel of the other: both directions pooled, or (pooled=False) the
+    larger of the two directed percentiles. NaN if either mask is empty."""
     if not pred.any() or not ref.any():
         return float("nan")
-    sp, sr = surface(pred), surface(ref)
+    sp, sr = surface(pred, structure), surface(ref, structure)
     d_to_r = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
     d_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
-    return float(np.percentile(np.concatenate([d_to_r, d_to_p]), 95))
+    if pooled:
+        return float(np.percentile(np.concatenate([d_to_r, d_to_p]), 95))
+    return float(max(np.percentile(d_to_r, 95), np.percentile(d_to_p, 95)))
 
 
-def label_metrics(pred, ref, spacing):
-    """pred, ref: boolean masks on one grid with voxel spacing (mm). NaN where a value is
-    undefined: Dice / Jaccard when both are empty, sensitivity and AVD when the
-    reference is empty, precision when the prediction is empty, HD95 when either is."""
+def lesions(pred, ref):
+    """(TP reference lesions hit, FN, FP predicted lesions on no reference voxel, n_pred, n_ref), 26-connected."""
+    full = np.ones((3, 3, 3), bool)
+    lr, nr = ndimage.label(ref, structure=full)
+    lp, npred = ndimage.label(pred, structure=full)
+    hit_ref = len(np.unique(lr[pred & (lr > 0)]))
+    hit_pred = len(np.unique(lp[ref & (lp > 0)]))
+    return hit_ref, nr - hit_ref, npred - hit_pred, npred, nr
+
+
+def label_metrics(pred, ref, spacing, rules="default"):
+    """pred, ref: boolean masks on one grid with voxel spacing (mm), scored by `rules`
+    (RULES). default: NaN where a value is undefined -- Dice / Jaccard when both are
+    empty, sensitivity and AVD when the reference is empty, precision when the
+    prediction is empty, HD95 when either is."""
     tp = float(np.logical_and(pred, ref).sum())
     p, r = float(pred.sum()), float(ref.sum())
     nan = float("nan")
-    return {"dice": 2 * tp / (p + r) if p + r else nan,
-            "jaccard": tp / (p + r - tp) if p + r else nan,
-            "sensitivity": tp / r if r else nan,
-            "precision": tp / p if p else nan,
-            "hd95_mm": hd95(pred, ref, spacing),
-            "avd_percent": abs(p - r) / r * 100 if r else nan,
-            "ref_ml": r * float(np.prod(spacing)) / 1000, "pred_ml": p * float(np.prod(spacing)) / 1000}
+    ml = float(np.prod(spacing)) / 1000
+    m = {"dice": 2 * tp / (p + r) if p + r else nan,
+         "jaccard": tp / (p + r - tp) if p + r else nan,
+         "sensitivity": tp / r if r else nan,
+         "precision": tp / p if p else nan,
+         "hd95_mm": hd95(pred, ref, spacing),
+         "avd_percent": abs(p - r) / r * 100 if r else nan,
+         "ref_ml": r * ml, "pred_ml": p * ml}
+    if rules == "brats":
+        m["dice"] = m["jaccard"] = 1.0 if p + r == 0 else m["dice"]
+        m["hd95_mm"] = 0.0 if p + r == 0 else BRATS_HD_EMPTY if p == 0 or r == 0 else hd95(pred, ref, spacing, pooled=False)
+    elif rules == "wmh":
+        inplane = np.zeros((3, 3, 3), bool)
+        inplane[:, :, 1] = True  # SimpleITK BinaryErode radius (1, 1, 0): edges within each slice
+        m["hd95_mm"] = hd95(pred, ref, spacing, pooled=False, structure=inplane)
+        tp_l, fn, fp, n_pred, n_ref = lesions(pred, ref)
+        rec = tp_l / n_ref if n_ref else nan
+        prec = (n_pred - fp) / n_pred if n_pred else nan
+        m["lesion_recall"] = rec
+        m["lesion_f1"] = 2 * rec * prec / (rec + prec) if n_ref and n_pred and rec + prec else 0.0 if n_ref else nan
+    elif rules == "isles":
+        m["dice"] = 1.0 if p + r == 0 else m["dice"]
+        m["hd95_mm"] = nan
+        m["avd_ml"] = abs(p - r) * ml
+        tp_l, fn, fp, n_pred, n_ref = lesions(pred, ref)
+        m["lesion_f1"] = 1.0 if tp_l + fn + fp == 0 else tp_l / (tp_l + (fp + fn) / 2)
+        m["lesion_count_diff"] = float(abs(n_pred - n_ref))
+    return m
 
 
-def case_metrics(pred, ref, spacing, label_values):
-    """{label value: metrics} for every foreground label."""
-    return {int(v): label_metrics(pred == v, ref == v, spacing) for v in label_values if v != 0}
+METRICS = ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percent", "avd_ml", "lesion_recall", "lesion_f1",
+           "lesion_count_diff")
 
 
-def summarise(rows, labels):
-    """Mean / std / median over cases per label and metric, NaNs left out (and counted)."""
+def case_metrics(pred, ref, spacing, regions, ignore=None, rules="default"):
+    """{region name: metrics} for label maps pred and ref (values) on one grid. regions:
+    {name: [label values]} (a plain label is a region of one value); voxels where the
+    reference holds the ignore label are taken out of both masks."""
+    keep = ref != ignore if ignore is not None else np.ones(ref.shape, bool)
+    return {name: label_metrics(np.isin(pred, vals) & keep, np.isin(ref, vals) & keep, spacing, rules)
+            for name, vals in regions.items()}
+
+
+def summarise(rows, names):
+    """Mean / std / median over cases per region and metric, NaNs left out (and counted)."""
     out = {}
-    for v in labels:
+    for v in names:
         out[str(v)] = {}
         for m in METRICS:
-            vals = np.array([r["metrics"][str(v)][m] for r in rows if str(v) in r["metrics"]], dtype=float)
+            vals = np.array([r["metrics"][str(v)].get(m, np.nan) for r in rows if str(v) in r["metrics"]], dtype=float)
+            if np.isnan(vals).all() and m not in ("dice", "hd95_mm"):
+                continue  # a metric these rules do not compute
             ok = vals[~np.isnan(vals)]
             out[str(v)][m] = {"mean": float(ok.mean()) if len(ok) else None, "std": float(ok.std()) if len(ok) else None,
                               "median": float(np.median(ok)) if len(ok) else None, "n": int(len(ok)),
@@ -238,7 +308,7 @@ def raw_file(path, meta, raw_root=None):
 
 def save_prediction(path, pred_native, meta):
     """Write the label map with the raw image's affine (and its header's qform/sform)."""
-    ref = nib.load(meta["source_files"][0])
+    ref = nib.load(meta.get("grid_file") or meta["source_files"][0])
     img = nib.Nifti1Image(pred_native.astype(np.uint8), ref.affine, ref.header)
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
@@ -247,7 +317,11 @@ def save_prediction(path, pred_native, meta):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="finetune.py run folder (reads its ckpt.pt, or best.pt)")
+    p.add_argument("--run", help="finetune.py run folder (reads its ckpt.pt, or best.pt)")
+    p.add_argument("--report", nargs="+", metavar="EVAL", help="instead of evaluating: gather finished evaluations (RUN, "
+                   "RUN/eval or any folder with metrics.json; shell globs welcome) into one table per dataset -- rows: arch "
+                   "x pretrained / from scratch, columns: Dice per region, mean +- std over runs (seeds) -- as Markdown and "
+                   "CSV in --out (default report/), and a bar plot PNG when matplotlib is installed")
     p.add_argument("--checkpoint", default="last", choices=("last", "best"), help="the last weights (default, as the authors) "
                    "or best.pt of a run with --val-cases (model selection on extra labelled cases: not the paper's protocol)")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
@@ -264,6 +338,11 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.report:
+        a.out = Path(a.out or "report")
+        return a
+    if not a.run:
+        p.error("give --run FT (a finetune.py run to evaluate) or --report EVAL ...")
     if not 0 <= a.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if a.batch < 1:
@@ -274,30 +353,101 @@ def get_args(argv=None):
     return a
 
 
-def print_table(summary):
-    print(f"\n{'label':8s} {'metric':12s} {'mean':>9s} {'std':>9s} {'median':>9s} {'n':>4s} {'NaN left out':>13s}")
+def print_table(summary, rule_text):
+    w = max([8] + [len(v) for v in summary])
+    print(f"\n{'region':{w}s} {'metric':18s} {'mean':>9s} {'std':>9s} {'median':>9s} {'n':>4s} {'NaN left out':>13s}")
     for v, per in summary.items():
         for m, s in per.items():
             f = (lambda x: f"{x:9.4f}" if x is not None else f"{'-':>9s}")
-            print(f"{v:8s} {m:12s} {f(s['mean'])} {f(s['std'])} {f(s['median'])} {s['n']:4d} {s['nan_excluded']:13d}")
-    print("NaN: Dice/Jaccard of a label absent from both reference and prediction, HD95 when either is empty; "
-          "such cases are excluded from the mean (nanmean), as in the paper.")
+            print(f"{v:{w}s} {m:18s} {f(s['mean'])} {f(s['std'])} {f(s['median'])} {s['n']:4d} {s['nan_excluded']:13d}")
+    print(f"Rules: {rule_text}. NaN values are left out of the mean (nanmean) and counted.")
+
+
+def report(paths, out):
+    """The Table-2-style comparison: finished evaluations grouped by (dataset, arch,
+    pretrained or from scratch); per region, the mean and (population) std over the
+    runs of each run's case-mean Dice. Writes out/report.md and out/report.csv."""
+    runs = []
+    for p in map(Path, paths):
+        f = next((c for c in (p / "metrics.json", p / "eval" / "metrics.json") if c.exists()), None)
+        if f is None:
+            print(f"skipped {p}: no metrics.json (evaluate it first: python evaluate.py --run RUN)", file=sys.stderr)
+            continue
+        m = json.loads(f.read_text())
+        init = "scratch" if m.get("pretrained") in (None, "none") else "pretrained"
+        runs.append(((m.get("dataset") or "dataset", m.get("arch", "?"), init), m))
+    if not runs:
+        raise ValueError("no finished evaluation among the folders given")
+    groups = {}
+    for key, m in runs:
+        groups.setdefault(key, []).append(m)
+    lines, rows = [], []
+    for ds in sorted({k[0] for k in groups}):
+        keys = sorted(k for k in groups if k[0] == ds)
+        regions = list(dict.fromkeys(r for k in keys for m in groups[k] for r in m["summary"]))
+        lines += [f"### {ds} (Dice, mean +- std over runs)", "", "| arch | init | runs | " + " | ".join(regions) + " |",
+                  "|---|---|---|" + "---|" * len(regions)]
+        for k in keys:
+            cells = []
+            for r in regions:
+                vals = np.array([m["summary"][r]["dice"]["mean"] for m in groups[k]
+                                 if r in m["summary"] and m["summary"][r]["dice"]["mean"] is not None], float)
+                mean, std = (float(vals.mean()), float(vals.std())) if len(vals) else (float("nan"), float("nan"))
+                cells.append(f"{mean:.4f} +- {std:.4f}")
+                rows.append([ds, k[1], k[2], len(groups[k]), r, mean, std])
+            lines.append(f"| {k[1]} | {k[2]} | {len(groups[k])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    preprocess.write_atomic(out / "report.md", lambda p: p.write_text("\n".join(lines)))
+
+    def write_csv(p):
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["dataset", "arch", "init", "runs", "region", "dice_mean", "dice_std"])
+            w.writerows(rows)
+    preprocess.write_atomic(out / "report.csv", write_csv)
+    try:  # a picture when matplotlib is around; never a dependency
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(1 + 1.2 * len(rows), 3.5))
+        ax.bar(range(len(rows)), [r[5] for r in rows], yerr=[r[6] for r in rows], capsize=3)
+        ax.set_xticks(range(len(rows)), [f"{r[1]} {r[2]}\n{r[4]}" for r in rows], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("Dice")
+        fig.tight_layout()
+        fig.savefig(out / "report.png", dpi=120)
+    except ImportError:
+        pass
+    print("\n".join(lines))
+    print(f"{out / 'report.md'}, {out / 'report.csv'}")
+    return rows
 
 
 def main(argv=None):
     a = get_args(argv)
+    if a.report:
+        try:
+            report(a.report, a.out)
+            return 0
+        except ValueError as e:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            return 2
     try:
         device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
         run = Path(a.run)
         path = run / ("best.pt" if a.checkpoint == "best" else "ckpt.pt")
         model, info = load_model(path, device)
         _, autocast = autocast_for(device, a.dtype)
+        ds = json.loads(Path(a.data, "dataset.json").read_text()) if not a.images and Path(a.data, "dataset.json").exists() else {}
+        names = ds.get("label_names") or info.get("label_names") or {}
+        regions = ds.get("evaluation_regions") or {names.get(str(v), str(v)): [v] for v in info["label_values"] if v != 0}
+        rules = ds.get("metric_rules", "default")
         if a.images:
             cases, bad = raw_cases(a.images, info["in_channels"])
         else:
             if not Path(a.data, "dataset.json").exists():
                 raise FileNotFoundError(f"{a.data} is not a preprocessed dataset (no dataset.json); run preprocess.py first")
-            listed = json.loads(Path(a.data, "dataset.json").read_text())["cases"]
+            listed = ds["cases"]
             cases = [(c["case"], None) for c in listed if a.split == "all" or c["split"] == a.split]
             bad = []
         if not cases:
@@ -318,6 +468,8 @@ def main(argv=None):
             else:
                 meta = json.loads(Path(a.data, "meta", f"{case}.json").read_text())
                 meta["source_files"] = [str(raw_file(f, meta, a.raw_root)) for f in meta["source_files"]]
+                if meta.get("grid_file"):
+                    meta["grid_file"] = str(raw_file(meta["grid_file"], meta, a.raw_root))
                 if meta.get("source_label"):
                     meta["source_label"] = str(raw_file(meta["source_label"], meta, a.raw_root))
                 image = np.load(Path(a.data, "images", f"{case}.npy"))
@@ -326,27 +478,30 @@ def main(argv=None):
             if files is None and meta.get("source_label"):
                 ref, _ = preprocess.read_nifti(meta["source_label"])
                 ref = np.rint(ref[..., 0] if ref.ndim == 4 else ref).astype(np.int64)
-                m = case_metrics(native, ref, meta["original_spacing"], info["label_values"])
-                rows.append({"case": case, "metrics": {str(k): v for k, v in m.items()}})
+                for old, new in (meta.get("label_map") or {}).items():  # as preprocessing mapped it (BraTS 4 -> 3)
+                    ref[ref == int(old)] = new
+                m = case_metrics(native, ref, meta["original_spacing"], regions, ds.get("ignore_label"), rules)
+                rows.append({"case": case, "metrics": m})
         except (preprocess.CaseError, OSError, ValueError) as e:
             failed.append({"case": case, "reason": str(e)})
             print(f"FAILED {case}: {e}")
     result = {"run": str(run), "checkpoint": str(path), "split": None if a.images else a.split, "cases": rows, "failed": failed,
-              "settings": {"overlap": a.overlap, "blend": a.blend, "tta": a.tta},
-              "nan_rule": "Dice/Jaccard NaN when a label is absent from reference and prediction; excluded with nanmean"}
+              "settings": {"overlap": a.overlap, "blend": a.blend, "tta": a.tta}, "dataset": ds.get("name"),
+              "arch": info["arch"], "pretrained": info.get("pretrained"), "seed": info.get("seed"),
+              "regions": regions, "rules": rules, "rule_text": RULES[rules]}
     if rows:
-        result["summary"] = summarise(rows, [v for v in info["label_values"] if v != 0])
+        result["summary"] = summarise(rows, list(regions))
         preprocess.save_json(a.out / "metrics.json", result)
 
         def write_csv(p):
             with open(p, "w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["case", "label", *METRICS, "ref_ml", "pred_ml"])
+                w.writerow(["case", "region", *METRICS, "ref_ml", "pred_ml"])
                 for r in rows:
                     for v, m in r["metrics"].items():
-                        w.writerow([r["case"], v, *[m[k] for k in METRICS], m["ref_ml"], m["pred_ml"]])
+                        w.writerow([r["case"], v, *[m.get(k, "") for k in METRICS], m["ref_ml"], m["pred_ml"]])
         preprocess.write_atomic(a.out / "metrics.csv", write_csv)
-        print_table(result["summary"])
+        print_table(result["summary"], RULES[rules])
         print(f"\n{a.out / 'metrics.json'}, {a.out / 'metrics.csv'}, predictions in {a.out / 'predictions'}")
     else:
         preprocess.save_json(a.out / "failed.json", failed)

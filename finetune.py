@@ -151,21 +151,40 @@ def lr_at(step, steps_per_epoch, epochs, total, a):
     return a.eta_min + (a.lr - a.eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2
 
 
-def seg_loss(logits, seg, kind="dice_ce", smooth=1.0, background=True):
-    """logits (B, K, *S), seg (B, *S) class indices. Soft Dice: softmax, per sample and
-    class (background included unless background=False), then averaged; CE over
-    voxels; summed 1:1."""
+def targets(seg, values, ignore=None, regions=None):
+    """Label values (B, *S) -> training targets: class indices (B, *S) for softmax, or
+    region masks (B, R, *S) in {0, 1} for sigmoid outputs (nnU-Net's region training);
+    voxels of the ignore label get -1 (they count nowhere in the loss)."""
+    if regions:
+        t = torch.stack([torch.isin(seg, torch.tensor(v, device=seg.device)) for v in regions.values()], 1).float()
+    else:
+        lut = torch.full((256,), -1, dtype=torch.long, device=seg.device)
+        lut[values] = torch.arange(len(values), device=seg.device)  # label value -> class index
+        t = lut[seg]
+    if ignore is not None:
+        t = torch.where((seg == ignore).unsqueeze(1) if regions else seg == ignore, -1, t)
+    return t
+
+
+def seg_loss(logits, target, kind="dice_ce", smooth=1.0, background=True, regions=False):
+    """logits (B, K, *S). Softmax classes: target (B, *S) class indices; soft Dice
+    (softmax, per sample and class, background included unless background=False,
+    then averaged) + CE, summed 1:1. Regions: target (B, K, *S) in {0, 1}; soft Dice of
+    the sigmoids + BCE (nnU-Net's DC_and_BCE). Target -1 marks ignored voxels."""
     logits = logits.float()
-    out = 0
-    if kind in ("dice_ce", "ce"):
-        out = out + F.cross_entropy(logits, seg)
-    if kind in ("dice_ce", "dice"):
-        p = logits.softmax(1)
-        g = F.one_hot(seg, logits.shape[1]).movedim(-1, 1).float()
-        dims = tuple(range(2, logits.dim()))
-        dice = (2 * (p * g).sum(dims) + smooth) / (p.sum(dims) + g.sum(dims) + smooth)  # (B, K)
-        out = out + 1 - (dice if background else dice[:, 1:]).mean()
-    return out
+    valid = (target[:, :1] >= 0 if regions else (target >= 0).unsqueeze(1)).float()  # (B, 1, *S)
+    dims = tuple(range(2, logits.dim()))
+    if regions:
+        p, g = logits.sigmoid() * valid, target.clamp(min=0) * valid
+        ce = (F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none") * valid).sum() / \
+            (valid.sum() * logits.shape[1]).clamp(min=1)
+    else:
+        p = logits.softmax(1) * valid
+        g = F.one_hot(target.clamp(min=0), logits.shape[1]).movedim(-1, 1).float() * valid
+        ce = F.cross_entropy(logits, target, ignore_index=-1) if (target >= 0).any() else logits.sum() * 0
+    dice = (2 * (p * g).sum(dims) + smooth) / (p.sum(dims) + g.sum(dims) + smooth)  # (B, K)
+    dice_loss = 1 - (dice if background or regions else dice[:, 1:]).mean()
+    return {"dice_ce": ce + dice_loss, "dice": dice_loss, "ce": ce}[kind]
 
 
 def transfer_report(rep, path, fmt, n_dec, in_ch):
@@ -193,7 +212,9 @@ def train(a):
         chosen = data.select_few_shot(pool, a.n_train, a.seed)
         rest = [c for c in pool if c not in chosen]
         val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, min(a.val_cases, len(rest)), replace=False).tolist()) if rest else []
-        values = [int(v) for v in ds_json["label_values"]]  # e.g. BraTS [0, 1, 2, 4]: class k is values[k]
+        ignore = ds_json.get("ignore_label")  # e.g. WMH's "other pathology": no class, no loss
+        values = [int(v) for v in ds_json["label_values"] if v != ignore]  # e.g. BraTS [0, 1, 2, 3]: class k is values[k]
+        regions = ds_json.get("training_regions")  # nnU-Net region labels: one sigmoid output per region
         in_ch = int(ds_json.get("n_channels", 1))
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p, aug_on=a.aug_on,
@@ -211,7 +232,8 @@ def train(a):
     a.arch = a.arch or "unet_b"
     check_patch(a.arch, a.patch)
     torch.manual_seed(a.seed)
-    model = build_model(a.arch, in_ch, len(values), decoder=a.decoder, checkpointing=a.checkpointing,
+    n_out = len(regions) if regions else len(values)
+    model = build_model(a.arch, in_ch, n_out, decoder=a.decoder, checkpointing=a.checkpointing,
                         legacy_merge=a.legacy_merge)
     if pre is not None:
         with user_input():
@@ -220,15 +242,15 @@ def train(a):
     elif ck is None:
         say("from scratch: no pretrained encoder")
     model.to(ctx.device)
-    lut = torch.zeros(256, dtype=torch.long, device=ctx.device)
-    lut[values] = torch.arange(len(values), device=ctx.device)  # label value -> class index
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step, best = restore(ck, model, opt, scaler), ck["best"] if ck is not None else -1.0
     net = wrap(model, a.compile, ctx)
 
     facts = {"arch": a.arch, "in_channels": in_ch, "label_values": values, "labels": ds_json.get("labels"),
-             "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge}
+             "label_names": ds_json.get("label_names"), "training_regions": regions,
+             "regions_class_order": ds_json.get("regions_class_order"), "ignore_label": ignore, "n_outputs": n_out,
+             "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge, "pretrained": a.pretrained, "seed": a.seed}
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
         save_json(out / "cases.json", {"n_train": a.n_train, "seed": a.seed, "train": chosen, "val": val_cases,
@@ -255,9 +277,15 @@ def train(a):
         for case in val_cases[ctx.rank::ctx.world]:
             img = torch.from_numpy(np.load(Path(a.data, "images", f"{case}.npy")).astype(np.float32)).to(ctx.device)
             ref = torch.from_numpy(np.load(Path(a.data, "labels", f"{case}.npy")).astype(np.int64)).to(ctx.device)
-            pred = torch.tensor(values, device=ctx.device)[sliding_window(model, img, a.patch, a.overlap, autocast=autocast).argmax(0)]
-            for v in values[1:]:
-                p, r = pred == v, ref == v
+            logits = sliding_window(model, img, a.patch, a.overlap, autocast=autocast)
+            keep = ref != ignore if ignore is not None else torch.ones_like(ref, dtype=torch.bool)
+            if regions:  # region k of the prediction vs the reference voxels in region k
+                pairs = [(logits[k] > 0, torch.isin(ref, torch.tensor(v, device=ref.device))) for k, v in enumerate(regions.values())]
+            else:
+                pred = torch.tensor(values, device=ctx.device)[logits.argmax(0)]
+                pairs = [(pred == v, ref == v) for v in values[1:]]
+            for p, r in pairs:
+                p, r = p & keep, r & keep
                 denom = (p.sum() + r.sum()).item()
                 if denom:  # a label absent from both has no Dice
                     tot, cnt = tot + 2 * (p & r).sum().item() / denom, cnt + 1
@@ -281,7 +309,8 @@ def train(a):
         set_lr(opt, lr)
         with autocast:
             logits = net(img)  # (B, K, P, P, P)
-        loss = seg_loss(logits, lut[seg], a.loss, a.dice_smooth, a.dice_background == "include")
+        loss = seg_loss(logits, targets(seg, values, ignore, regions), a.loss, a.dice_smooth, a.dice_background == "include",
+                        bool(regions))
         skipped = guarded_step(loss, opt, scaler, a.grad_clip, a.dtype == "fp16")
         meter.add(s, loss, skipped)
         step = s + 1

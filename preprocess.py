@@ -265,18 +265,20 @@ def to_native(arr, meta):
     return _from_ras(full, meta)
 
 
-def native_argmax(logits, meta, chunk=8):
+def native_argmax(logits, meta, chunk=8, regions=False):
     """Class index map on the original image's grid from logits (K, x, y, z) (a tensor)
     on the preprocessed grid, as the authors' reverse_preprocessing: the logits are
     resized trilinearly (torch interpolate, align_corners False) to the cropped box
     at native resolution and the argmax is taken there; outside the box is background.
-    Memory stays bounded for 512 x 512 x 300 grids: the output is made in slabs of
-    `chunk` planes (linear interpolation along the first axis, bilinear along the
-    other two), never holding the full-resolution logits. Returns uint8 (X, Y, Z)."""
+    regions=True (sigmoid outputs, one per region): bit k of the result is set where
+    logit k > 0. Memory stays bounded for 512 x 512 x 300 grids: the output is made in
+    slabs of `chunk` planes (linear interpolation along the first axis, bilinear along
+    the other two), never holding the full-resolution logits. Returns uint8 (X, Y, Z)."""
     box = meta["crop_box"]
     size = [b - a for a, b in box]
-    if logits.shape[0] > 255:
-        raise ValueError("native_argmax writes uint8 class indices: at most 255 classes")
+    if logits.shape[0] > (8 if regions else 255):
+        raise ValueError("native_argmax writes uint8: at most 255 classes or 8 regions")
+    bits = 2 ** torch.arange(logits.shape[0], device=logits.device).view(1, -1, 1, 1)
     n0 = logits.shape[1]
     src = ((torch.arange(size[0], dtype=torch.float64) + 0.5) * (n0 / size[0]) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n0 - 1)
@@ -291,7 +293,7 @@ def native_argmax(logits, meta, chunk=8):
         w = w1[o].view(-1, 1, 1, 1)
         slab = planes[i0[o] - lo] * (1 - w) + planes[i1[o] - lo] * w  # (chunk, K, Y, Z)
         out[box[0][0] + start:box[0][0] + o.stop, box[1][0]:box[1][1], box[2][0]:box[2][1]] = \
-            slab.argmax(1).to(torch.uint8).cpu().numpy()
+            ((slab > 0) * bits).sum(1).to(torch.uint8).cpu().numpy() if regions else slab.argmax(1).to(torch.uint8).cpu().numpy()
     return _from_ras(out, meta)
 
 
@@ -310,6 +312,130 @@ def label_values(dataset_json):
         else:  # v2: {"background": 0}, or a region given as a list of values
             vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
     return sorted(vals)
+
+
+def label_semantics(ds):
+    """What an nnU-Net (v2 or v1) dataset.json says about its labels: names of the
+    values, the ignore label (named "ignore"), training regions (a label given as a
+    list of values: nnU-Net's region training, with regions_class_order), and the
+    evaluation regions (a converter's, else the training regions, else each label)."""
+    labels = ds.get("labels") or {}
+    names, regions, ignore = {}, {}, None
+    for k, v in labels.items():
+        if str(k).isdigit():  # v1: {"0": "background"}
+            names[int(k)] = str(v)
+        elif isinstance(v, (list, tuple)):
+            regions[k] = [int(x) for x in v]
+        elif k == "ignore":
+            ignore = int(v)
+        else:
+            names[int(v)] = k
+    for vals in regions.values():
+        for v in vals:
+            names.setdefault(v, f"label {v}")
+    ev = ds.get("evaluation") or {}
+    return {"label_names": {str(v): n for v, n in sorted(names.items())}, "ignore_label": ev.get("ignore", ignore),
+            "training_regions": regions or None, "regions_class_order": ds.get("regions_class_order"),
+            "evaluation_regions": ev.get("regions") or regions or {n: [v] for v, n in sorted(names.items()) if v != 0},
+            "metric_rules": ev.get("rules", "default")}
+
+
+# -----------------------------------------------------------------------------
+# The paper's downstream datasets, read in their download layouts
+
+def _one(root, pattern):
+    found = sorted(root.glob(pattern))
+    return found[0] if found else None
+
+
+def find_brats21(root):
+    """BraTS 2021 (RSNA-ASNR-MICCAI): BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz.
+    Channels flair, t1, t1ce, t2 and labels 0, 1 NCR, 2 ED, 4 ET -> 3 ET, as the authors'
+    Yucca Task012_BraTS21; evaluated as the regions whole tumour (1, 2, 3), tumour core
+    (1, 3) and enhancing tumour (3) with the BraTS rules."""
+    cases, failed = [], []
+    for d in sorted(p.parent for p in root.rglob("*_flair.nii*")):
+        name = d.name
+        files = [_one(d, f"{name}_{m}.nii*") for m in ("flair", "t1", "t1ce", "t2")]
+        label = _one(d, f"{name}_seg.nii*")
+        if None in files:
+            failed.append({"case": name, "files": [str(f) for f in files if f], "reason": "missing modality: "
+                           + ", ".join(m for m, f in zip(("flair", "t1", "t1ce", "t2"), files) if f is None)})
+            continue
+        cases.append({"case": name, "split": "train" if label else "test", "files": [str(f) for f in files],
+                      "label": str(label) if label else None, "label_map": {4: 3}})
+    meta = {"name": "BraTS2021", "channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"},
+            "labels": {"background": 0, "necrotic tumour core": 1, "peritumoral edema": 2, "enhancing tumour": 3},
+            "evaluation": {"regions": {"whole tumour": [1, 2, 3], "tumour core": [1, 3], "enhancing tumour": [3]}, "rules": "brats"}}
+    return cases, failed, meta
+
+
+def find_isles22(root):
+    """ISLES 2022 (BIDS): sub-strokecaseNNNN/ses-0001/{anat/*_FLAIR, dwi/*_dwi, dwi/*_adc}.nii.gz,
+    masks derivatives/sub-*/ses-0001/*_msk.nii.gz on the DWI grid (the first release put
+    these under rawdata/ and derivatives/). Channels FLAIR, DWI, ADC, each resampled onto
+    the mask's grid with cubic splines, as the authors' Yucca Task005_ISLES22 (the FLAIR
+    has its own spacing and orientation); label 1 = infarct; ISLES rules."""
+    cases, failed = [], []
+    for msk in sorted(root.rglob("*_msk.nii*")):
+        sub = msk.name.split("_")[0]
+        found = {m: _one(root, f"**/{sub}/**/{sub}*_{m}.nii*") for m in ("FLAIR", "dwi", "adc")}
+        files = [found["FLAIR"], found["dwi"], found["adc"]]
+        if None in files:
+            failed.append({"case": sub, "files": [str(msk)], "reason": "missing modality: " + ", ".join(m for m, f in found.items() if f is None)})
+            continue
+        cases.append({"case": sub, "split": "train", "files": [str(f) for f in files], "label": str(msk), "onto_label": True})
+    meta = {"name": "ISLES2022", "channel_names": {"0": "FLAIR", "1": "DWI", "2": "ADC"},
+            "labels": {"background": 0, "infarct": 1}, "evaluation": {"regions": {"infarct": [1]}, "rules": "isles"}}
+    return cases, failed, meta
+
+
+def find_wmh(root):
+    """WMH Segmentation Challenge 2017: <id>/pre/{FLAIR,T1}.nii.gz and <id>/wmh.nii.gz
+    (at any depth: sites Utrecht, Singapore, Amsterdam/GE3T...; cases under a folder named
+    test/Test go to the test split). Channels FLAIR, T1 (the authors' Task008_WMH); labels
+    1 = WMH and 2 = other pathology, which is the ignore label: it contributes nothing to
+    the loss, and the official evaluation masks it out (scores label 1 only)."""
+    cases, failed = [], []
+    for lab in sorted(root.rglob("wmh.nii*")):
+        d = lab.parent.parent if lab.parent.name == "pre" else lab.parent
+        files = [_one(d / "pre", "FLAIR.nii*"), _one(d / "pre", "T1.nii*")]
+        name = "_".join(p for p in d.relative_to(root).parts)
+        if None in files:
+            failed.append({"case": name, "files": [str(lab)], "reason": "missing pre/FLAIR.nii.gz or pre/T1.nii.gz"})
+            continue
+        test = any(p.lower() == "test" for p in d.relative_to(root).parts)
+        cases.append({"case": name, "split": "test" if test else "train", "files": [str(f) for f in files], "label": str(lab)})
+    meta = {"name": "WMH2017", "channel_names": {"0": "FLAIR", "1": "T1"},
+            "labels": {"background": 0, "white matter hyperintensities": 1, "ignore": 2},
+            "evaluation": {"regions": {"white matter hyperintensities": [1]}, "ignore": 2, "rules": "wmh"}}
+    return cases, failed, meta
+
+
+def find_msseg(root):
+    """MSSEG-2016: Center_0X/Patient_0Y/Preprocessed_Data/{DP,FLAIR,GADO,T1,T2}_preprocessed.nii.gz
+    and Masks/Consensus.nii.gz. Channels DP, FLAIR, GADO, T1, T2 (the authors' Task011_MSSEG1);
+    the case name includes the centre (patient numbers repeat across centres)."""
+    cases, failed = [], []
+    mods = ("DP", "FLAIR", "GADO", "T1", "T2")
+    for pre in sorted(root.rglob("Preprocessed_Data")):
+        patient = pre.parent
+        name = f"{patient.parent.name}_{patient.name}"
+        files = [_one(pre, f"{m}_preprocessed.nii*") for m in mods]
+        label = _one(patient / "Masks", "Consensus.nii*")
+        if None in files:
+            failed.append({"case": name, "files": [str(f) for f in files if f], "reason": "missing modality: "
+                           + ", ".join(m for m, f in zip(mods, files) if f is None)})
+            continue
+        test = any(p.lower().startswith("test") for p in patient.relative_to(root).parts)
+        cases.append({"case": name, "split": "test" if test and label else "train", "files": [str(f) for f in files],
+                      "label": str(label) if label else None})
+    meta = {"name": "MSSEG2016", "channel_names": {str(i): m for i, m in enumerate(mods)},
+            "labels": {"background": 0, "lesion": 1}, "evaluation": {"regions": {"lesion": [1]}, "rules": "default"}}
+    return cases, failed, meta
+
+
+CONVERTERS = {"brats21": find_brats21, "isles22": find_isles22, "wmh": find_wmh, "msseg": find_msseg}
 
 
 def find_labelled(root):
@@ -391,9 +517,24 @@ def done_meta(out, c):
 # -----------------------------------------------------------------------------
 # One case (runs in a worker process)
 
+def onto_grid(x, affine, shape, target_affine):
+    """x (on `affine`) resampled onto the voxel grid (shape, target_affine) with cubic
+    splines, 0 outside: nibabel.processing.resample_from_to(order=3), which the
+    authors' ISLES conversion uses."""
+    m = np.linalg.inv(affine) @ target_affine  # target voxel -> source voxel
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).reshape(3, -1)
+    coords = m[:3, :3] @ idx + m[:3, 3:4]
+    return ndimage.map_coordinates(x, coords, order=3, mode="constant", cval=0.0).reshape(shape).astype(np.float32)
+
+
 def process_case(c, out, allowed_labels, opened=None):
     name = c["case"]
     channels, affine = [], None
+    label = None
+    if c["label"]:
+        label, laff = read_nifti(c["label"])
+        if label.ndim == 4 and label.shape[3] == 1:
+            label = label[..., 0]
     for f in c["files"]:
         data, aff = read_nifti(f, c.get("volume"), opened if "volume" in c else None)
         if data.ndim == 4 and data.shape[3] == 1:
@@ -401,15 +542,15 @@ def process_case(c, out, allowed_labels, opened=None):
         elif data.ndim == 4:
             raise CaseError(f"{f} is 4D {data.shape}; give one 3D file per channel")
         check_volume(data, f)
+        if c.get("onto_label") and label is not None and not same_grid(data.shape, aff, label.shape, laff):
+            data, aff = onto_grid(data, aff, label.shape, laff), laff  # ISLES: every channel on the mask's grid
         if affine is not None and not same_grid(channels[0].shape, affine, data.shape, aff):
             raise CaseError(f"{f}: its grid differs from channel 0's {c['files'][0]}; register the channels first")
         affine = aff if affine is None else affine
         channels.append(data)
-    label = None
-    if c["label"]:
-        label, laff = read_nifti(c["label"])
-        if label.ndim == 4 and label.shape[3] == 1:
-            label = label[..., 0]
+    if label is not None:
+        for old, new in c.get("label_map", {}).items():  # e.g. BraTS 4 -> 3
+            label[label == old] = new
         if not same_grid(label.shape, laff, channels[0].shape, affine):
             raise CaseError(f"label {c['label']} has shape {label.shape} / affine differing from the image "
                             f"{channels[0].shape}; it must share the image's voxel grid")
@@ -423,7 +564,9 @@ def process_case(c, out, allowed_labels, opened=None):
     save_npy(out / "images" / f"{name}.npy", image.astype(np.float16))
     if lab is not None:
         save_npy(out / "labels" / f"{name}.npy", lab)
+    grid = c["label"] if c.get("onto_label") and c["label"] else c["files"][0]  # whose voxel grid the case is on
     meta.update({"case": name, "split": c["split"], "source_root": c["root"], "source_files": c["files"], "source_label": c["label"],
+                 "grid_file": grid, "label_map": {str(k): v for k, v in c.get("label_map", {}).items()},
                  "volume": c.get("volume"), "original_affine": np.asarray(affine).tolist(),
                  "original_shape": list(channels[0].shape),
                  "original_spacing": [float(s) for s in nib.affines.voxel_sizes(affine)],
@@ -475,13 +618,14 @@ def assign_test_split(cases, fraction, seed):
     return {"seed": seed, "fraction": fraction}
 
 
-def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=False):
-    """Preprocess `inp` into `out`; returns (n_done, n_skipped, failures)."""
+def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=False, fmt=None):
+    """Preprocess `inp` into `out` (fmt: one of CONVERTERS for a download layout);
+    returns (n_done, n_skipped, failures)."""
     t0 = time.time()
     inp = Path(inp).resolve()  # sources are recorded absolute, so outputs work from any folder
-    labelled = (inp / "imagesTr").is_dir()
+    labelled = fmt is not None or (inp / "imagesTr").is_dir()
     if labelled:
-        cases, failed, ds_meta = find_labelled(inp)
+        cases, failed, ds_meta = CONVERTERS[fmt](inp) if fmt else find_labelled(inp)
         split_info = assign_test_split(cases, test_fraction, seed)
     else:
         (cases, failed), ds_meta, split_info = find_unlabelled(inp), {}, None
@@ -519,9 +663,10 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     entries = [{"case": c["case"], "split": c["split"], "shape": metas[c["case"]]["shape"],
                 "label_counts": metas[c["case"]]["label_counts"]} for c in cases if c["case"] in metas]
     channels = ds_meta.get("channel_names", ds_meta.get("modality")) or {"0": "MRI"}
-    summary = {"name": ds_meta.get("name", inp.name), "source": str(inp), "labelled": labelled,
+    summary = {"name": ds_meta.get("name", inp.name), "source": str(inp), "labelled": labelled, "format": fmt or "nnunet",
                "channels": channels, "n_channels": len(channels) if labelled else 1,
-               "labels": ds_meta.get("labels"), "label_values": allowed, "test_split": split_info,
+               "labels": ds_meta.get("labels"), "label_values": allowed, **(label_semantics(ds_meta) if labelled else {}),
+               "test_split": split_info,
                "counts": {"train": sum(e["split"] == "train" for e in entries),
                           "test": sum(e["split"] == "test" for e in entries), "failed": len(failed)},
                "cases": entries}
@@ -622,6 +767,9 @@ def get_args(argv=None):
                                        "  python preprocess.py --demo demo")
     p.add_argument("--input", type=Path, help="raw folder: nnU-Net dataset (imagesTr/...) or any folder of NIfTI files")
     p.add_argument("--output", type=Path, help="where images/, labels/, meta/, dataset.json, failed.json go")
+    p.add_argument("--format", choices=list(CONVERTERS), help="--input is a download of BraTS 2021, ISLES 2022, WMH 2017 or "
+                   "MSSEG-2016 in its own layout: converted (channels in a stated order, labels mapped, ISLES channels on one "
+                   "grid, WMH label 2 ignored) and preprocessed in one run")
     p.add_argument("--demo", type=Path, metavar="DIR", help="write the synthetic demo dataset to DIR/raw and preprocess it to DIR/preprocessed")
     p.add_argument("--demo-cases", type=int, default=32, help="number of demo cases (default 32)")
     p.add_argument("--demo-shape", type=int, nargs=3, default=[72, 84, 72], metavar=("X", "Y", "Z"),
@@ -658,7 +806,7 @@ def main(argv=None):
     a = get_args(argv)
     if a.demo is not None and not (a.input / "dataset.json").exists():
         make_demo(a.input, a.demo_cases, a.seed, a.quiet, a.demo_shape)
-    _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet)
+    _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet, a.format)
     return 1 if failed else 0
 
 
