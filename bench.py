@@ -9,7 +9,8 @@ Throughput and memory of the networks, the data pipeline and whole training step
 Prints one JSON line per measurement, then a table. Each figure is the median of
 --repeats timed runs (after a warm-up run, never counted) with the spread (min..max).
   models: forward + backward of every arch in pretraining and segmentation form on a
-          random batch: ms per step, samples/s, peak memory (CUDA), and achieved
+          random batch: ms per step, samples/s, peak memory (CUDA) beside the
+          pre-flight estimate (est_gb: weights + gradients + activations), and achieved
           TFLOP/s (FLOPs counted once with torch.utils.flop_counter.FlopCounterMode).
   data:   samples/s of PretrainDataset per preset in one process (= per CPU core, with
           torch and SimpleITK held to one thread), with N DataLoader worker processes,
@@ -32,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import training
 from models import ARCHS, build_model, patch_rule
 
 
@@ -66,6 +68,8 @@ def bench_models(a):
                                   f"at least {minimum}"}), flush=True)
                 continue
             model = build_model(arch, 1, None if mode == "pretrain" else 2, mode=mode, checkpointing=a.checkpointing).to(device)
+            est = training.estimate_memory(model, a.patch, a.batch, a.dtype, a.checkpointing)  # pretrain.py's pre-flight
+            est_gb = round((est["total"] - est["optimizer"]) / 2 ** 30, 2)  # no optimiser here: weights, grads, activations
             x = torch.rand(a.batch, 1, a.patch, a.patch, a.patch, device=device)
 
             def step():
@@ -84,7 +88,8 @@ def bench_models(a):
             peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None
             med = statistics.median(times)
             report(rows, f"models/{arch}/{mode}", "ms/step", [t * 1e3 for t in times],
-                   samples_per_s=round(a.batch / med, 2), peak_gb=peak, tflop_per_sample=round(flops / a.batch / 1e12, 3),
+                   samples_per_s=round(a.batch / med, 2), peak_gb=peak, est_gb=est_gb,
+                   tflop_per_sample=round(flops / a.batch / 1e12, 3),
                    tflops=round(flops / med / 1e12, 2), patch=a.patch, batch=a.batch, dtype=a.dtype, device=device.type)
             model = x = None  # free before the next arch is built
     return rows
@@ -195,7 +200,8 @@ def main(argv=None):
         return 2
     print(f"\n{'benchmark':32s} {'median':>10s} {'min..max':>18s}  {'unit':10s} other")
     for r in rows:
-        other = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("samples_per_s", "tflops", "peak_gb", "data_wait") and v is not None)
+        other = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("samples_per_s", "tflops", "peak_gb", "est_gb", "data_wait")
+                          and v is not None)
         print(f"{r['bench']:32s} {r['median']:10.2f} {r['min']:8.2f}..{r['max']:<8.2f}  {r['unit']:10s} {other}")
     return 0
 

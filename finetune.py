@@ -48,7 +48,7 @@ import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import save_json
 from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, guarded_step,
-                      load_pretrained_file, make_loader, make_optimizer, precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
+                      load_pretrained_file, make_loader, make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 
 
@@ -245,6 +245,8 @@ def train(a):
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step, best = restore(ck, model, opt, scaler), ck["best"] if ck is not None else -1.0
+    sample_bytes = in_ch * a.patch ** 3 * 2 + a.patch ** 3 * (8 if a.aug_on == "workers" else 1)
+    preflight(model, a, ctx, out, sample_bytes, a.optimizer)
     net = wrap(model, a.compile, ctx)
 
     facts = {"arch": a.arch, "in_channels": in_ch, "label_values": values, "labels": ds_json.get("labels"),

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import data
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import write_atomic
-from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer,
+from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
                       precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 METHODS = ("amaes", "mae", "swin_ssl")
@@ -260,6 +260,8 @@ def train(a):
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step = restore(ck, model, opt, scaler)
+    sample_bytes = (2 * in_ch * a.patch ** 3 if a.aug_on == "workers" else in_ch * math.prod(train_ds.region_size())) * 2
+    preflight(model, a, ctx, out, sample_bytes, a.optimizer, other_files=64 * 2 ** 20)  # samples/ NIfTIs: a few MB each
     net = wrap(model, a.compile, ctx)
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:

@@ -38,7 +38,7 @@ from preprocess import clean_json, save_json, write_atomic
 # flags that may be given anew when a run is resumed: where and how fast it runs, and
 # the ways past a divergence (clipping, precision, patience); everything else is the run's
 RUNTIME_FLAGS = {"out", "data", "resume", "workers", "compile", "log_every", "ckpt_every", "checkpointing", "quiet", "device",
-                 "grad_clip", "dtype", "max_bad_steps", "aug_on"}
+                 "grad_clip", "dtype", "max_bad_steps", "aug_on", "no_preflight"}
 
 
 class UserError(Exception):
@@ -81,6 +81,8 @@ def add_run_flags(p, ckpt_every=1000):
                    help="stop after this many steps in a row with a non-finite loss or gradients, each skipped (default 5)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-preflight", action="store_true", help="skip the check that the run fits in memory, /dev/shm and "
+                   "disk before it starts")
 
 
 def check_run_flags(p, a, names):
@@ -281,6 +283,151 @@ def load_pretrained_file(path, flag):
         return models.read_pretrained(ck)
     except ValueError as e:
         raise UserError(f"{flag} {path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# Pre-flight: will the run fit? (memory, /dev/shm, disk), before any work
+
+GB = 2 ** 30
+
+
+def estimate_memory(model, patch, batch, dtype="fp32", checkpointing=False, optimizer="adamw"):
+    """Bytes a training step of `model` needs at `patch`^3 x `batch`: {"weights",
+    "gradients", "optimizer", "activations", "total"}. Activations are measured, not
+    guessed: one forward + backward at the arch's smallest training side (batch 1,
+    the same autocast dtype; bf16 stands in for fp16 on the CPU) with saved-tensor
+    hooks counting what autograd keeps, scaled by voxels x batch -- activation memory
+    of these fully convolutional networks is linear in both. Workspace and the
+    transient gradients of the backward pass come on top (typically 10-30 %)."""
+    import models
+    device = next(model.parameters()).device
+    side = models.patch_rule(model.arch)[1]
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else torch.bfloat16}.get(dtype)
+    storages = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # kept anyway: counted as weights
+
+    def pack(t):
+        try:
+            s = t.untyped_storage()
+            if s.data_ptr() not in weights:
+                storages[(s.data_ptr(), s.device)] = s.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (rare): counted by size
+            storages[id(t)] = t.numel() * t.element_size()
+        return t
+    was_training, was_ckpt = model.training, getattr(model, "checkpointing", None)
+    model.train()
+    model.set_checkpointing(checkpointing)
+    x = torch.rand(1 if model.mode != "pretrain" or model.arch != "swinunetr" else 2, model.in_channels, side, side, side,
+                   device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(x)
+    loss = sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,)))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    model.set_checkpointing(bool(was_ckpt))
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    act = sum(storages.values()) / x.shape[0] * (patch / side) ** 3 * batch
+    est = {"weights": 4 * sum(p.numel() for p in model.parameters()), "gradients": 4 * params,
+           "optimizer": (8 if optimizer == "adamw" else 4) * params, "activations": act}
+    est["total"] = sum(est.values())
+    return est
+
+
+def size(b):
+    return f"{b / GB:.1f} GB" if b >= GB else f"{b / 2 ** 20:.0f} MB"
+
+
+def available_memory(device):
+    """Free bytes where the activations live: the GPU's free memory, or the RAM this
+    process may still use (MemAvailable, and a cgroup limit when there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        for ln in open("/proc/meminfo"):
+            if ln.startswith("MemAvailable:"):
+                free = int(ln.split()[1]) * 1024
+        for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+            if os.path.exists(f):
+                limit = open(f).read().strip()
+                if limit.isdigit() and int(limit) < 2 ** 60:
+                    free = min(free or int(limit), int(limit))
+    except OSError:
+        pass
+    return free
+
+
+def free_shm():
+    """Free bytes of /dev/shm (where DataLoader workers hand their batches over), or None."""
+    import shutil
+    return shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
+
+
+def free_disk(path):
+    import shutil
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def preflight(model, a, ctx, out, sample_bytes, optimizer="adamw", other_files=0):
+    """Before the first step: the memory the run needs (estimate_memory) against what
+    the device has, DataLoader batches in flight against /dev/shm, two checkpoints
+    against the disk of --out. Something that does not fit: UserError (one line,
+    exit 2) naming the need, what is available and settings that would fit; within
+    15 % of the limit: a warning. --no-preflight skips it."""
+    if a.no_preflight:
+        return
+    try:
+        _preflight(model, a, ctx, out, sample_bytes, optimizer, other_files)
+        err = None
+    except UserError as e:
+        err = e
+    if all_sum(ctx, err is not None)[0]:  # every rank stops alike, none is left waiting
+        raise err or UserError("pre-flight failed on another rank")
+
+
+def _preflight(model, a, ctx, out, sample_bytes, optimizer, other_files):
+    problems = []
+    est = estimate_memory(model, a.patch, a.batch, a.dtype, a.checkpointing, optimizer)
+    avail = available_memory(ctx.device)
+    where = "GPU memory" if ctx.cuda else "RAM"
+    if avail is not None and est["total"] > avail:
+        static = est["total"] - est["activations"]
+        per_sample = est["activations"] / a.batch
+        fits = []
+        largest = int((0.9 * avail - static) // per_sample) if per_sample else 0
+        if largest >= 1:
+            fits.append(f"--batch {largest}")
+        if not a.checkpointing:
+            ck = estimate_memory(model, a.patch, a.batch, a.dtype, True, optimizer)
+            if ck["total"] < 0.9 * avail:
+                fits.append("--checkpointing")
+        if a.patch > 64:
+            small = static + est["activations"] * (64 / a.patch) ** 3
+            fits.append(f"--patch 64{'' if small < 0.9 * avail else ' --batch ' + str(max(1, int((0.9 * avail - static) // (per_sample * (64 / a.patch) ** 3))))}")
+        problems.append(f"{where}: the run needs about {est['total'] / GB:.1f} GB (activations {est['activations'] / GB:.1f} GB for "
+                        f"{a.batch} x {a.patch}^3 {a.dtype}, weights + gradients + optimiser {static / GB:.1f} GB) and "
+                        f"{avail / GB:.1f} GB are free; " + ("would fit: " + " or ".join(fits) if fits else
+                                                              "nothing at this arch fits: use a bigger machine"))
+    elif avail is not None and est["total"] > 0.85 * avail:
+        ctx.say(f"pre-flight: the run needs about {est['total'] / GB:.1f} GB of the {avail / GB:.1f} GB free {where}: close")
+    workers = a.workers if a.workers is not None else default_workers()
+    shm, shm_need = free_shm(), workers * 4 * a.batch * sample_bytes  # prefetch_factor 4 batches per worker
+    if workers and shm is not None and shm_need > shm:
+        w = int(shm // (4 * a.batch * sample_bytes))
+        problems.append(f"/dev/shm: {workers} DataLoader workers hold about {size(shm_need)} of batches in flight and "
+                        f"{size(shm)} are free; use --workers {w} or run Docker with a larger --shm-size (e.g. 16g)")
+    ckpt = est["weights"] + est["optimizer"] + est["weights"]  # ckpt.pt (weights + optimiser) and encoder.pt at most
+    disk, disk_need = free_disk(out), 2 * ckpt + other_files
+    if disk_need > disk:
+        problems.append(f"disk: two checkpoints need about {size(disk_need)} on {out} and {size(disk)} are free; "
+                        "free space or choose another --out")
+    if problems:
+        raise UserError("pre-flight: " + " | ".join(problems) + " (--no-preflight skips this check)")
 
 
 def set_lr(opt, lr):
