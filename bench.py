@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -119,18 +120,63 @@ def bench_train(a):
     return rows
 
 
+def authors_transforms(patch):
+    """The authors' pretraining recipe built from Yucca's own transform classes (the
+    public yucca package, version 1.1.7, when it is installed: pip install yucca==1.1.7)
+    with the parameters of amaes src/augmentations/augmentation_composer.py, for timing
+    side by side. None without Yucca."""
+    try:
+        from yucca.modules.data.augmentation.transforms import (AdditiveNoise, BiasField, Blur, Gamma, GibbsRinging,
+                                                                MotionGhosting, MultiplicativeNoise, SimulateLowres, Spatial)
+    except ImportError:
+        return None
+    clip = dict(clip_to_input_range=True)
+    return [Spatial(patch_size=patch, crop=True, random_crop=False, cval="min", p_deform_per_sample=0.33,
+                    deform_sigma=(20, 30), deform_alpha=(200, 600), p_rot_per_sample=0.2, p_rot_per_axis=0.66,
+                    x_rot_in_degrees=(-30.0, 30.0), y_rot_in_degrees=(-30.0, 30.0), z_rot_in_degrees=(-30.0, 30.0),
+                    p_scale_per_sample=0.2, scale_factor=(0.9, 1.1), skip_label=True, **clip),
+            AdditiveNoise(p_per_sample=0.2, mean=(0.0, 0.0), sigma=(1e-3, 1e-4), **clip),
+            Blur(p_per_sample=0.2, p_per_channel=0.5, sigma=(0.0, 1.0), **clip),
+            MultiplicativeNoise(p_per_sample=0.2, mean=(0, 0), sigma=(1e-3, 1e-4), **clip),
+            MotionGhosting(p_per_sample=0.2, alpha=(0.85, 0.95), num_reps=(2, 11), axes=(0, 3), **clip),
+            GibbsRinging(p_per_sample=0.2, cut_freq=(96, 129), axes=(0, 3), **clip),
+            SimulateLowres(p_per_sample=0.2, p_per_channel=0.5, p_per_axis=0.33, zoom_range=(0.5, 1.0), **clip),
+            BiasField(p_per_sample=0.33, **clip), Gamma(p_per_sample=0.2, p_invert_image=0.05, gamma_range=(0.5, 2.0), **clip)]
+
+
 def bench_data(a):
+    """samples/s per preset: the TorchIO driver per sample in one process (= per CPU
+    core), the workers' share of the batched path (read + crop-pad), the batched path
+    on CPU and on CUDA, DataLoader workers running the TorchIO driver, and, when Yucca
+    is installed, the authors' transforms on the same regions."""
     torch.set_num_threads(1)
     rows = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for preset in a.presets:
-        ds = data.PretrainDataset(a.data, patch=a.patch, preset=preset, seed=0, split=None)
+        ds = data.PretrainDataset(a.data, patch=a.patch, preset=preset, seed=0, split=None, aug_on="workers")
         n = a.samples
         counter = iter(range(10 ** 9))
 
         def one_core():
             for _ in range(n):
                 ds.sample(next(counter))
-        report(rows, f"data/{preset}/1 process", "samples/s", [n / t for t in timed(one_core, a.repeats)])
+        report(rows, f"data/{preset}/torchio driver, 1 process", "samples/s", [n / t for t in timed(one_core, a.repeats)])
+
+        def crop_only():
+            for _ in range(n):
+                ds.region(next(counter))
+        report(rows, f"data/{preset}/read + crop-pad, 1 process", "samples/s", [n / t for t in timed(crop_only, a.repeats)])
+        ks = list(range(a.batch))
+        regions = torch.stack([torch.from_numpy(ds.region(k)[1]).half() for k in ks])
+        for dev in devices:
+            r, t = regions.to(dev), torch.tensor(ks)
+
+            def batched():
+                data.augment_batch(ds, r, t)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+            report(rows, f"data/{preset}/batched on {dev}, batch {a.batch}", "samples/s",
+                   [a.batch / s for s in timed(batched, a.repeats)])
         for w in a.workers:
             if w < 2:
                 continue
@@ -142,9 +188,49 @@ def bench_data(a):
                 for _ in torch.utils.data.DataLoader(ds, batch_size=a.batch, sampler=sampler, num_workers=w):
                     pass
             times = timed(loader, a.repeats)
-            report(rows, f"data/{preset}/{w} workers", "samples/s", [steps * a.batch / t for t in times])
+            report(rows, f"data/{preset}/torchio driver, {w} workers", "samples/s", [steps * a.batch / t for t in times])
+        theirs = authors_transforms((a.patch,) * 3) if preset == "all" and a.authors else None
+        if theirs is not None:
+            def authors():
+                for _ in range(n):
+                    d = {"image": ds.region(next(counter))[1][None].astype(np.float64)}
+                    for tr in theirs:
+                        d = tr(d)
+            report(rows, "data/all/authors' Yucca transforms, 1 process", "samples/s", [n / t for t in timed(authors, a.repeats)])
+        elif preset == "all" and a.authors:
+            print(json.dumps({"bench": "data/all/authors", "skipped": "yucca is not installed (pip install yucca==1.1.7)"}))
     x = torch.rand(a.batch, 1, a.patch, a.patch, a.patch)
     report(rows, f"mask/batch {a.batch}", "ms", [t * 1e3 for t in timed(lambda: data.random_mask(x), a.repeats)])
+    return rows
+
+
+def bench_preprocess(a):
+    """Seconds per volume of preprocess.py's recipe, one process, on the NIfTI files of
+    --input; with --authors also Yucca's preprocess_case_for_training_without_label on
+    the same files (the authors' BRAINS-45K path), side by side."""
+    import nibabel as nib
+    import preprocess
+    torch.set_num_threads(1)
+    files = sorted(p for p in Path(a.input).rglob("*") if p.name.endswith((".nii", ".nii.gz")))[:a.files]
+    if not files:
+        raise ValueError(f"--input {a.input}: no NIfTI files")
+    theirs = None
+    if a.authors:
+        try:
+            from yucca.functional.preprocessing import preprocess_case_for_training_without_label as theirs
+        except ImportError:
+            print(json.dumps({"bench": "preprocess/authors", "skipped": "yucca is not installed (pip install yucca==1.1.7)"}))
+    rows = []
+    for f in files:
+        def ours():
+            x, aff = preprocess.read_nifti(f)
+            preprocess.preprocess_arrays([x], aff)
+        report(rows, f"preprocess/ours/{f.name}", "s/volume", timed(ours, a.repeats))
+        if theirs is not None:
+            def authors():
+                theirs(images=[nib.load(str(f))], normalization_operation=["volume_wise_znorm"], target_spacing=[1.0, 1.0, 1.0],
+                       crop_to_nonzero=True, image_properties={}, intensities=None)
+            report(rows, f"preprocess/authors' Yucca/{f.name}", "s/volume", timed(authors, a.repeats))
     return rows
 
 
@@ -181,12 +267,18 @@ def get_args(argv=None):
     d.add_argument("--workers", type=int, nargs="+", default=[1], help="DataLoader worker counts to time (1 = in-process only)")
     d.add_argument("--samples", type=int, default=16, help="samples per timed run and per worker (default 16)")
     d.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
+    d.add_argument("--authors", action="store_true", help="also time the authors' Yucca transforms (needs pip install yucca==1.1.7)")
+    q = sub.add_parser("preprocess", help="seconds per volume of the preprocessing recipe (and of the authors' Yucca with --authors)")
+    q.add_argument("--input", required=True, help="folder of raw NIfTI volumes (searched recursively)")
+    q.add_argument("--files", type=int, default=4, help="at most this many files (default 4)")
+    q.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
+    q.add_argument("--authors", action="store_true", help="also time Yucca 1.1.7's preprocessing on the same files")
     a = p.parse_args(argv)
-    if a.patch < 16 or a.batch < 1 or getattr(a, "repeats", 1) < 1 or getattr(a, "steps", 1) < 1:
+    if getattr(a, "patch", 16) < 16 or getattr(a, "batch", 1) < 1 or getattr(a, "repeats", 1) < 1 or getattr(a, "steps", 1) < 1:
         p.error("--patch >= 16; --batch, --repeats, --steps >= 1")
     if a.what == "data" and (a.samples < 1 or min(a.workers) < 1):
         p.error("--samples and --workers >= 1")
-    if a.what != "data" and a.device == "cuda" and not torch.cuda.is_available():
+    if a.what in ("models", "train") and a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     return a
 
@@ -194,15 +286,15 @@ def get_args(argv=None):
 def main(argv=None):
     a = get_args(argv)
     try:
-        rows = {"models": bench_models, "data": bench_data, "train": bench_train}[a.what](a)
+        rows = {"models": bench_models, "data": bench_data, "train": bench_train, "preprocess": bench_preprocess}[a.what](a)
     except (FileNotFoundError, ValueError) as e:
         print(f"bench.py: {e}", file=sys.stderr)
         return 2
-    print(f"\n{'benchmark':32s} {'median':>10s} {'min..max':>18s}  {'unit':10s} other")
+    print(f"\n{'benchmark':48s} {'median':>10s} {'min..max':>18s}  {'unit':10s} other")
     for r in rows:
         other = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("samples_per_s", "tflops", "peak_gb", "est_gb", "data_wait")
                           and v is not None)
-        print(f"{r['bench']:32s} {r['median']:10.2f} {r['min']:8.2f}..{r['max']:<8.2f}  {r['unit']:10s} {other}")
+        print(f"{r['bench']:48s} {r['median']:10.2f} {r['min']:8.2f}..{r['max']:<8.2f}  {r['unit']:10s} {other}")
     return 0
 
 

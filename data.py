@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchio as tio
+from scipy.fft import next_fast_len
 from torchio.transforms import IntensityTransform, SpatialTransform
 from torchio.transforms.augmentation import RandomTransform
 
@@ -311,23 +312,21 @@ def resize(x, shape, order=3, mode="mirror"):
     return x.clamp(lo, hi) if order else x
 
 
-def cubic_sample(coef, coords, cval, chunk=1 << 18):
+def cubic_sample(coef, coords, cval, chunk=None):
     """scipy.ndimage.map_coordinates(order=3, mode='constant') on prefiltered
     coefficients coef (X, Y, Z) at coords (3, N): the 4^3 tap weighted sum, mirrored
-    coefficients past the edges, cval for points outside [0, n - 1]. Returns (N,)."""
+    coefficients past the edges, cval for points outside [0, n - 1]. Returns (N,).
+    Points go in chunks (8192 on the CPU, where it keeps the 64 gathers in cache)."""
     n = coef.shape
+    chunk = chunk or (1 << 18 if coef.is_cuda else 1 << 13)
     flat = coef.reshape(-1)
     out = torch.empty(coords.shape[1], dtype=coef.dtype, device=coef.device)
     size = torch.tensor(n, device=coef.device).view(3, 1) - 1
     for s in range(0, coords.shape[1], chunk):
         p = coords[:, s:s + chunk]
         idx, w = zip(*[taps(p[d], n[d], 3) for d in range(3)])  # each (4, m)
-        i01 = (idx[0][:, None] * n[1] + idx[1][None]) * n[2]  # (4, 4, m)
-        w01 = w[0][:, None] * w[1][None]
-        acc = 0
-        for a in range(4):
-            for b in range(4):
-                acc = acc + w01[a, b] * (flat[i01[a, b][None] + idx[2]] * w[2]).sum(0)
+        at = (idx[0][:, None, None] * n[1] + idx[1][None, :, None]) * n[2] + idx[2][None, None]  # (4, 4, 4, m)
+        acc = (flat.take(at) * (w[0][:, None, None] * w[1][None, :, None] * w[2][None, None])).sum((0, 1, 2))
         inside = ((p >= 0) & (p <= size)).all(0)
         out[s:s + chunk] = torch.where(inside, acc, cval)
     return out
@@ -368,7 +367,9 @@ def gaussian_fft(x, sigma, dim):
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64, device=x.device) / sigma) ** 2)
     k = (k / k.sum()).to(x.dtype)
     n = x.shape[dim]
-    nfft = 1 << (n + 2 * r - 1).bit_length()
+    # only the n central outputs are kept: a circular convolution of length >= n + r
+    # cannot wrap onto them, so the FFT need not cover the whole n + 2r linear result
+    nfft = next_fast_len(n + r, real=True)
     shape = [1] * x.dim()
     shape[dim] = -1
     y = torch.fft.irfft(torch.fft.rfft(x, n=nfft, dim=dim) * torch.fft.rfft(k, n=nfft).view(shape), n=nfft, dim=dim)
