@@ -291,46 +291,82 @@ def load_pretrained_file(path, flag):
 GB = 2 ** 30
 
 
+def _saved_bytes(model, x, amp, units=()):
+    """One forward + backward of x with saved-tensor hooks counting the storages
+    autograd keeps beyond the parameters: (bytes of tensors with x's batch dimension,
+    the batch of maps; bytes of the others, such as autocast's low-precision copies
+    of the weights; the largest batch tensor; {unit index: bytes kept while inside
+    that unit}). Units are the modules activation checkpointing wraps."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # counted as weights
+    kept, per, inside, largest = {}, {}, [None], [0]
+
+    def pack(t):
+        try:
+            key, n = (t.untyped_storage().data_ptr(), t.device), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (rare): counted by size
+            key, n = (id(t), None), t.numel() * t.element_size()
+        if key[0] not in weights and key not in kept:
+            batched = t.dim() > 0 and t.shape[0] == x.shape[0]
+            kept[key] = (n, batched)
+            if batched:
+                largest[0] = max(largest[0], n)
+            if inside[0] is not None:
+                per[inside[0]] = per.get(inside[0], 0) + n
+        return t
+    hooks = [h for i, u in enumerate(units) for h in (u.register_forward_pre_hook(lambda m, a, i=i: inside.__setitem__(0, i)),
+                                                       u.register_forward_hook(lambda m, a, o: inside.__setitem__(0, None)))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+        sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    batch = sum(n for n, b in kept.values() if b)
+    return batch, sum(n for n, b in kept.values() if not b), largest[0], per
+
+
 def estimate_memory(model, patch, batch, dtype="fp32", checkpointing=False, optimizer="adamw"):
     """Bytes a training step of `model` needs at `patch`^3 x `batch`: {"weights",
-    "gradients", "optimizer", "activations", "total"}. Activations are measured, not
-    guessed: one forward + backward at the arch's smallest training side (batch 1,
-    the same autocast dtype; bf16 stands in for fp16 on the CPU) with saved-tensor
-    hooks counting what autograd keeps, scaled by voxels x batch -- activation memory
-    of these fully convolutional networks is linear in both. Workspace and the
-    transient gradients of the backward pass come on top (typically 10-30 %)."""
+    "gradients", "optimizer", "fixed", "activations", "total"}. Activations are
+    measured, not guessed: one forward + backward at the arch's smallest training
+    side (batch 1; 2 for SwinUNETR's SSL form, which pairs views) in the run's
+    autocast dtype (bf16 stands in for fp16 on the CPU), with saved-tensor hooks
+    counting what autograd keeps. What has the batch dimension is scaled by voxels x
+    batch (the memory of these fully convolutional networks is linear in both); the
+    rest (autocast's low-precision copies of the weights) is "fixed". On top: twice
+    the largest kept tensor for the transient gradients of the backward pass, and
+    with checkpointing the largest stage, recomputed during backward. Checked against
+    profiled peaks of real steps (tests/test_preflight.py); convolution workspaces of
+    the GPU libraries are not counted."""
     import models
     device = next(model.parameters()).device
     side = models.patch_rule(model.arch)[1]
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else torch.bfloat16}.get(dtype)
-    storages = {}
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # kept anyway: counted as weights
-
-    def pack(t):
-        try:
-            s = t.untyped_storage()
-            if s.data_ptr() not in weights:
-                storages[(s.data_ptr(), s.device)] = s.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (rare): counted by size
-            storages[id(t)] = t.numel() * t.element_size()
-        return t
-    was_training, was_ckpt = model.training, getattr(model, "checkpointing", None)
+    units = [u for m in model.modules() if hasattr(m, "checkpointing")
+             for c in m.children() for u in (c if isinstance(c, torch.nn.ModuleList) else [c])]
+    was_training = model.training
+    was_ckpt = any(getattr(m, "checkpointing", False) for m in model.modules())  # the stages hold the switch
+    b = 2 if model.mode == "pretrain" and model.arch == "swinunetr" else 1
+    x = torch.rand(b, model.in_channels, side, side, side, device=device)
     model.train()
-    model.set_checkpointing(checkpointing)
-    x = torch.rand(1 if model.mode != "pretrain" or model.arch != "swinunetr" else 2, model.in_channels, side, side, side,
-                   device=device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = model(x)
-    loss = sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,)))
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    model.set_checkpointing(bool(was_ckpt))
+    try:
+        model.set_checkpointing(checkpointing)
+        kept, fixed, largest, _ = _saved_bytes(model, x, amp)
+        recompute = 0
+        if checkpointing:  # the stage recomputed in backward holds what it held without checkpointing
+            model.set_checkpointing(False)
+            recompute = max(_saved_bytes(model, x, amp, units)[3].values(), default=0)
+    finally:
+        model.train(was_training)
+        model.set_checkpointing(was_ckpt)
+    scale = (patch / side) ** 3 * batch / b
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    act = sum(storages.values()) / x.shape[0] * (patch / side) ** 3 * batch
     est = {"weights": 4 * sum(p.numel() for p in model.parameters()), "gradients": 4 * params,
-           "optimizer": (8 if optimizer == "adamw" else 4) * params, "activations": act}
+           "optimizer": (8 if optimizer == "adamw" else 4) * params, "fixed": fixed,
+           "activations": (kept + 2 * largest + recompute) * scale}
     est["total"] = sum(est.values())
     return est
 

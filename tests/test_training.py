@@ -71,11 +71,26 @@ def poison(monkeypatch, how, from_step):
     monkeypatch.setattr(pretrain, "compute_loss", wrapped)
 
 
+def narrow_unet(monkeypatch):
+    """pretrain.py builds a U-Net B of width 4 instead of 32: bf16 convolutions on a CPU
+    without bf16 instructions are some 300x slower than fp32, and the plumbing under
+    test is the same at any width."""
+    import models
+
+    def build(arch, in_channels=1, mode="pretrain", **kw):
+        enc = models.UNetEncoder(in_channels, 4)
+        dec = models.UNetDecoder(enc.channels, in_channels, n_convs=1, skips=False)
+        return models.EncoderDecoder(arch, mode, enc, dec, 16, in_channels, in_channels)
+    monkeypatch.setattr(pretrain, "build_model", build)
+
+
 @pytest.mark.parametrize("how,dtype", [("loss", "fp32"), ("grad", "bf16"), ("weight", "fp32"), ("loss", "bf16")])
 def test_injected_non_finite_stops_with_finite_checkpoints_and_resumes(demo, tmp_path, monkeypatch, capsys, how, dtype):
     run = tmp_path / "run"
     args = TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "10", "--steps-per-epoch", "3",
                    "--ckpt-every", "2", "--max-bad-steps", "3", "--val-fraction", "0", "--dtype", dtype]
+    if dtype == "bf16":
+        narrow_unet(monkeypatch)
     poison(monkeypatch, how, from_step=4)
     assert pretrain.main(args) == 1
     err = capsys.readouterr().err
@@ -102,6 +117,8 @@ def test_injected_non_finite_stops_with_finite_checkpoints_and_resumes(demo, tmp
     assert "NaN" not in (run / "log.jsonl").read_text()
     # the cause removed, --resume from the named checkpoint finishes the run
     monkeypatch.undo()
+    if dtype == "bf16":
+        narrow_unet(monkeypatch)
     assert pretrain.main(["--out", str(run), "--resume", "--quiet"]) == 0
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     assert ck["step"] == 10 and all_finite(run / "ckpt.pt")
