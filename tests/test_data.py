@@ -208,6 +208,12 @@ def test_counter_based_noise_is_the_same_numbers_everywhere():
     assert abs(n.mean().item()) < 0.02 and abs(n.std().item() - 1) < 0.02
     # a hand check of the hash: lowbias32(0) = 0, lowbias32(1) = 0x5C17DE66 (Wellons' published constants)
     assert data._hash32(torch.tensor([0, 1])).tolist() == [0, _lowbias32(1)]
+    # number i of a long stream, across the CPU's blocks of 2^18, equals the formula in plain integers
+    key = 0x9E3779B97F4A7C15
+    long = data.uniform(key, (300_000,))
+    for i in (0, 1, 2 ** 18 - 1, 2 ** 18, 299_999):
+        h = _lowbias32(_lowbias32(i ^ (key & 0xFFFFFFFF)) ^ (key >> 32))
+        assert long[i].item() == ((h >> 8) + 1) * 2.0 ** -24
     if torch.cuda.is_available():
         assert torch.equal(data.uniform(12345, (1000,), "cuda").cpu(), u)
 
