@@ -647,9 +647,10 @@ def read_pretrained(ckpt):
             keys = list(raw)
             strip = [k.replace("_orig_mod.", "") for k in keys]
             if all(isinstance(v, torch.Tensor) for v in raw.values()) or "state_dict" in ckpt:
-                if any(k.startswith("module.swinViT.") for k in keys):
+                # saved from DistributedDataParallel ("module.") or from one process (no prefix)
+                if any(k.startswith(("module.swinViT.", "swinViT.")) for k in keys):
                     fmt, key_map, legacy = "brainsegfounder", swinunetr_key_map, True
-                elif any(k.startswith("module.layers1.") or k.startswith("module.patch_embed.") for k in keys):
+                elif any(k.startswith(("module.layers1.", "module.patch_embed.", "layers1.", "patch_embed.")) for k in keys):
                     fmt, key_map, legacy = "tang", tang_key_map, True
                 elif any(k.startswith(("model.encoder.", "encoder.")) for k in strip):
                     fmt, key_map = "amaes", amaes_key_map
@@ -791,8 +792,9 @@ def load_encoder(model, ckpt, adapt_stem=False):
     released file), or a plain encoder state dict. Every encoder key must match by
     name; tensors must match by shape, except a 5-D input convolution whose
     input-channel axis differs (a 1-channel encoder finetuned on 4-channel BraTS).
-    That one keeps its fresh initialisation, as in the authors' transfer (load what
-    matches by name and shape), or with adapt_stem=True is tiled over the channels by
+    That one keeps its fresh initialisation, as in the authors' transfer (AMAES: load
+    what matches by name and shape; BrainSegFounder's BraTS finetuning replaces the
+    whole patch embedding, so its bias stays fresh too), or with adapt_stem=True is tiled over the channels by
     `adapt_first_conv` (our option: it gives the pretrained features to an input of
     equal channels). Anything else raises ValueError listing the offending keys.
     Returns {"loaded", "adapted", "fresh", "unused", "format"} for the scripts to report.
@@ -830,6 +832,12 @@ def load_encoder(model, ckpt, adapt_stem=False):
             else:
                 raise ValueError(f"encoder tensor {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
         new[k] = t.to(own[k].dtype)
+    if pre["format"] == "brainsegfounder":  # its BraTS finetuning replaces the whole patch-embedding conv
+        for k in list(fresh):
+            bias = k[: -len("weight")] + "bias"
+            if k.endswith(".weight") and bias in new:
+                del new[bias]
+                fresh.append(bias)
     model.encoder.load_state_dict(new, strict=not fresh)
     return {"loaded": sorted(set(new) - set(adapted)), "adapted": adapted, "fresh": fresh,
             "unused": pre["unused"] + sorted(k for k in pre["model"] if not k.startswith("encoder.")), "format": pre["format"]}

@@ -65,6 +65,8 @@ def amaes_mednext_state(blocks=(3, 4, 4, 4, 4), exp=(2, 3, 4, 4, 4)):
             block(f"model.encoder.down_{lvl - 1}", c // 2, exp[lvl], c, down=True)
         for b in range(blocks[lvl]):
             block(f"model.encoder.{'bottleneck' if lvl == 4 else f'enc_block_{lvl}'}.{b}", c, exp[lvl])
+    # mednext_*3_lw_dec sets rec_head = light_weight_decoder(starting_filters=32): U-Net B's lightweight decoder
+    s.update({k: v for k, v in amaes_unet_state(32).items() if k.startswith("model.rec_head.")})
     return s
 
 
@@ -157,8 +159,9 @@ def test_amaes_mednext_release_into_pretrain_init(demo, tmp_path, capsys):
     assert pre["format"] == "amaes" and pre["arch"] == "mednext_m" and pre["in_channels"] == 1
     model = build_model("mednext_m", 1, mode="pretrain")
     fresh = pretrain.load_weights_by_name(model, pre, "x")
-    assert not any(k.startswith("encoder.") for k in fresh)  # the whole encoder came from the file
+    assert not fresh  # the whole encoder and the lightweight decoder came from the file
     s = amaes_mednext_state()
+    assert torch.equal(model.decoder.out.weight, s["model.rec_head.out_conv.weight"])
     assert torch.equal(model.encoder.stages[1][0].res_conv.weight, s["model.encoder.down_0.res_conv.weight"])
     assert torch.equal(model.encoder.stages[2][2].conv2.weight, s["model.encoder.enc_block_2.1.conv2.weight"])
     assert torch.equal(model.encoder.stages[4][4].conv3.bias, s["model.encoder.bottleneck.3.conv3.bias"])
@@ -223,7 +226,11 @@ def test_brainsegfounder_two_channel_release_into_a_four_channel_task(tmp_path, 
     assert hidden(ref.swinViT, two.encoder, torch.randn(1, 2, 64, 64, 64)) <= 1e-5
     four = build_model("swinunetr", 4, 3, legacy_merge=True)
     rep = models.load_encoder(four, pre)
-    assert rep["fresh"] == ["patch_embed.proj.weight"] and "patch_embed.proj.bias" in rep["loaded"]
+    # BrainSegFounder's 4-channel finetuning (main_FinetuningSwinUNETR_4Channels.py) replaces the whole conv
+    assert rep["fresh"] == ["patch_embed.proj.weight", "patch_embed.proj.bias"] and "patch_embed.norm.weight" not in rep["fresh"]
+    # a file saved from one process (no DistributedDataParallel "module." prefix) is the same format
+    plain = models.read_pretrained({"state_dict": {k[len("module."):]: v for k, v in state.items()}})
+    assert plain["format"] == "brainsegfounder" and plain["model"].keys() == pre["model"].keys()
     assert all(k.startswith(("decoder.rotation_head", "decoder.contrastive_head", "decoder.conv")) for k in rep["unused"])
     assert models.load_encoder(build_model("swinunetr", 4, 3, legacy_merge=True), pre, adapt_stem=True)["adapted"] == \
         ["patch_embed.proj.weight"]
