@@ -8,7 +8,8 @@ Few-shot finetuning: a pretrained encoder, a new U-Net decoder, n labelled cases
 The encoder's weights come from pretrain.py's RUN/encoder.pt (the transfer is reported
 tensor by tensor); the decoder is new. A 1-channel encoder on a 4-channel task keeps
 its first convolution freshly initialised, as the authors' transfer does (load what
-matches by name and shape); --tile-stem tiles it over the channels instead. --n-train
+matches by name and shape); --tile-stem tiles it over the channels instead (the
+default of --recipe wald, as nnssl does). --n-train
 cases are drawn from the train split by --seed (data.select_few_shot): a 20-shot run
 reads 20 labelled cases and no other, and evaluate.py uses its last weights, as the
 authors do. FT/cases.json lists every labelled case the run read.
@@ -22,8 +23,11 @@ Recipes (--recipe; every number is still a flag, resolved values saved in args.j
          Yucca's default) from scratch (--aug overrides).
   wald   nnssl's nnU-Net PretrainedTrainer (TaWald/nnUNet, for Wald et al.'s MAE): SGD
          Nesterov momentum 0.99, lr 1e-3, wd 3e-5, linear warm-up of the whole network
-         over 50 epochs then poly 0.9 to 1000 epochs of 250 batches of 2, patch 160,
-         Dice (background excluded, smooth 1e-5) + CE, no deep supervision.
+         over 50 epochs then poly 0.9 over the remaining 950 of 1000 epochs of 250
+         batches of 2, patch 160, gradient clip 12, Dice (background excluded, smooth
+         1e-5) + CE, no deep supervision; a stem with fewer channels than the task is
+         tiled over them (weight / C). (nnU-Net takes the batch size and batch Dice
+         from its plan; here they are 2 and per sample.)
 Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
 
 FT/ holds args.json, cases.json, log.jsonl and ckpt.pt (the last state: for --resume
@@ -55,9 +59,11 @@ from training import (Interval, StopRun, UserError, add_run_flags, all_sum, chec
 # The finetuning recipes: the value of every flag a recipe sets, one plain dict each
 RECIPES = {
     "amaes": dict(patch=128, batch=8, epochs=500, steps_per_epoch=100, optimizer="adamw", lr=1e-4, wd=3e-5, schedule="cosine",
-                  t_max=575.0, eta_min=1e-9, warmup_epochs=0, dice_smooth=1.0, dice_background="include"),
+                  t_max=575.0, eta_min=1e-9, warmup_epochs=0, dice_smooth=1.0, dice_background="include", grad_clip=0.0,
+                  tile_stem=False),
     "wald": dict(patch=160, batch=2, epochs=1000, steps_per_epoch=250, optimizer="sgd", lr=1e-3, wd=3e-5, schedule="warmup_poly",
-                 t_max=575.0, eta_min=0.0, warmup_epochs=50, dice_smooth=1e-5, dice_background="exclude"),
+                 t_max=575.0, eta_min=0.0, warmup_epochs=50, dice_smooth=1e-5, dice_background="exclude", grad_clip=12.0,
+                 tile_stem=True),
 }
 
 
@@ -74,8 +80,10 @@ def get_args(argv=None):
     p.add_argument("--n-train", default="20", help="labelled training cases, drawn by --seed from the train split, or 'all' (default 20)")
     p.add_argument("--val-cases", type=int, default=0, help="ours, not the paper's: hold out N more labelled train cases for "
                    "validation Dice and keep best.pt (default 0: the run reads exactly --n-train labelled cases)")
-    p.add_argument("--tile-stem", action="store_true", help="ours, not the paper's: a pretrained first convolution with fewer "
-                   "input channels than the task is tiled over them (default: it stays freshly initialised, as the authors')")
+    p.add_argument("--tile-stem", action=argparse.BooleanOptionalAction, help="a pretrained first convolution with fewer "
+                   "input channels than the task is tiled over them, scaled by 1/C (recipe amaes: no, the stem stays freshly "
+                   "initialised as the AMAES authors' transfer leaves it, so --tile-stem leaves their protocol; recipe wald: "
+                   "yes, as nnssl's PretrainedTrainer does)")
     p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s finetuning) or wald "
                    "(nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE); any flag below overrides one number of it")
     p.add_argument("--patch", type=int, help="cubic patch side (recipe: 128 / 160)")
@@ -113,7 +121,6 @@ def get_args(argv=None):
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every"))
     a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
     a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --pretrained (Tang / BrainSegFounder weights)
-    a.grad_clip = a.grad_clip or 0.0
     if a.resume and any(Path(a.out, n).exists() for n in ("ckpt.pt", "ckpt_prev.pt")):
         return a  # the rest comes from the run's checkpoint
     if a.pretrained is None:

@@ -128,14 +128,16 @@ def test_brainsegfounder_two_stage_chain(demo, tmp_path, capsys):
 def test_wald_finetuning_recipe_and_schedule():
     a = finetune.get_args(["--recipe", "wald", "--pretrained", "none"])
     assert (a.optimizer, a.lr, a.wd, a.schedule, a.warmup_epochs, a.epochs, a.steps_per_epoch, a.batch, a.patch, a.dice_background,
-            a.dice_smooth) == ("sgd", 1e-3, 3e-5, "warmup_poly", 50, 1000, 250, 2, 160, "exclude", 1e-5)
+            a.dice_smooth, a.grad_clip, a.tile_stem) == ("sgd", 1e-3, 3e-5, "warmup_poly", 50, 1000, 250, 2, 160, "exclude", 1e-5,
+                                                         12.0, True)  # nnUNetTrainer clips at 12; PretrainedTrainer tiles the stem
     total = 1000 * 250
     for e in (0, 25, 49):  # Lin_incr_LRScheduler: max_lr / 50 * (1 + epoch)
         assert finetune.lr_at(e * 250 + 3, 250, 1000, total, a) == pytest.approx(1e-3 / 50 * (1 + e))
     for e in (50, 400, 999):  # PolyLRScheduler_offset: (1 - (epoch - 50) / 950) ** 0.9
         assert finetune.lr_at(e * 250, 250, 1000, total, a) == pytest.approx(1e-3 * (1 - (e - 50) / 950) ** 0.9)
     b = finetune.get_args(["--pretrained", "none"])
-    assert (b.optimizer, b.schedule, b.dice_background) == ("adamw", "cosine", "include")
+    assert (b.optimizer, b.schedule, b.dice_background, b.grad_clip, b.tile_stem) == ("adamw", "cosine", "include", 0.0, False)
+    assert finetune.get_args(["--recipe", "wald", "--pretrained", "none", "--no-tile-stem"]).tile_stem is False
     seg = torch.zeros(1, 8, 8, 8, dtype=torch.long)
     seg[:, 2:5, 2:5, 2:5] = 1
     flat = torch.zeros(1, 2, 8, 8, 8)  # p = 0.5 everywhere: Dice of the foreground class only
