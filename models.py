@@ -794,9 +794,9 @@ def load_encoder(model, ckpt, adapt_stem=False):
     input-channel axis differs (a 1-channel encoder finetuned on 4-channel BraTS).
     That one keeps its fresh initialisation, as in the authors' transfer (AMAES: load
     what matches by name and shape; BrainSegFounder's BraTS finetuning replaces the
-    whole patch embedding, so its bias stays fresh too), or with adapt_stem=True is tiled over the channels by
-    `adapt_first_conv` (our option: it gives the pretrained features to an input of
-    equal channels). Anything else raises ValueError listing the offending keys.
+    whole patch embedding, so its bias stays fresh too), or with adapt_stem=True is
+    tiled over the channels by `adapt_first_conv` (nnssl's transfer; for AMAES our
+    option: it gives the pretrained features to an input of equal channels). Anything else raises ValueError listing the offending keys.
     Returns {"loaded", "adapted", "fresh", "unused", "format"} for the scripts to report.
     """
     if not isinstance(ckpt, dict):
