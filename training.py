@@ -273,8 +273,9 @@ def load_pretrained_file(path, flag):
         raise UserError(f"{flag} {path}: no such file") from None
     except Exception as e:
         msg = str(e)
-        if "Unsupported global" in msg or "GLOBAL " in msg:
-            what = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")[:160]
+        if any(w in msg for w in ("Unsupported global", "GLOBAL ", "Unsupported class")):  # torch >= 2.4 / 2.3's wording
+            what = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            what = what[what.find("Unsupported"):][:160] if "Unsupported class" in what else what[:160]
             raise UserError(f"{flag} {path}: refused: the file holds pickled Python objects ({what}); only tensors and plain "
                             "values are loaded (torch.load weights_only), so nothing in it was run") from None
         raise UserError(f"{flag} {path}: not a readable checkpoint (truncated, or not a torch file: "
