@@ -1,7 +1,8 @@
 """Released pretrained weights: each format built here with its exact key names and
 shapes (written from the authors' code: amaes src/models/networks, nnssl's ResEnc-L in
 dynamic-network-architectures, MONAI's SwinUNETR / SSLHead), loaded by finetune.py and
-pretrain.py, compared with the reference implementation where it is installed (MONAI),
+pretrain.py, compared with the reference implementation where it is installed (MONAI;
+dynamic-network-architectures, which is not a test requirement: it pulls another torch),
 and every way a file can be wrong."""
 import json
 import pickle
@@ -189,6 +190,42 @@ def test_nnssl_resenc_release(demo, tmp_path):
     pre = models.read_pretrained(ck)  # the whole network maps, decoder included, for pretrain --init
     assert pre["arch"] == "resenc_l" and {k for k in pre["model"] if k.startswith("decoder.")} == \
         {k for k in build_model("resenc_l", 1, mode="pretrain").state_dict() if k.startswith("decoder.")}
+
+
+def test_nnssl_resenc_release_equals_dynamic_network_architectures(tmp_path):
+    """Where dynamic-network-architectures is installed (not in requirements-dev.txt: its
+    timm / torchvision dependencies pull another torch), the OpenMind file written from
+    its ResidualEncoderUNet (nnssl architecture_registry.get_res_enc_l's settings) gives
+    the same encoder features in the kit's ResEnc-L."""
+    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    torch.manual_seed(6)
+    ref = dna.ResidualEncoderUNet(
+        input_channels=1, n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320], conv_op=torch.nn.Conv3d,
+        kernel_sizes=3, strides=[1, 2, 2, 2, 2, 2], n_blocks_per_stage=[1, 3, 4, 6, 6, 6], num_classes=1,
+        n_conv_per_stage_decoder=1, conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+        deep_supervision=False).eval()
+    with torch.no_grad():  # non-trivial norm affines, so a swapped weight / bias would show
+        for m in ref.modules():
+            if isinstance(m, torch.nn.InstanceNorm3d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    ck = nnssl_resenc_state()
+    ck["network_weights"] = ref.state_dict()
+    torch.save(ck, tmp_path / "openmind_resenc_l.pt")
+    pre = training.load_pretrained_file(tmp_path / "openmind_resenc_l.pt", "--pretrained")
+    assert pre["format"] == "nnssl" and pre["arch"] == "resenc_l"
+    ours = build_model("resenc_l", 1, 2).eval()
+    models.load_encoder(ours, pre)
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        want, got = ref.encoder(x), ours.encoder(x)
+    assert len(want) == len(got) == 6
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(want, got)) <= 1e-5
+    mine = build_model("resenc_l", 1, 1, mode="pretrain").eval()  # the whole network, decoder too (pretrain --init)
+    assert not pretrain.load_weights_by_name(mine, pre, "x")
+    with torch.no_grad():
+        assert ((mine(x) - ref(x)).abs().max() / ref(x).abs().max()).item() <= 1e-5
 
 
 def test_tang_model_swinvit_release_equals_monai_with_the_old_merging(demo, tmp_path, monkeypatch, capsys):
