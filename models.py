@@ -796,7 +796,8 @@ def load_encoder(model, ckpt, adapt_stem=False):
     what matches by name and shape; BrainSegFounder's BraTS finetuning replaces the
     whole patch embedding, so its bias stays fresh too), or with adapt_stem=True is
     tiled over the channels by `adapt_first_conv` (nnssl's transfer; for AMAES our
-    option: it gives the pretrained features to an input of equal channels). Anything else raises ValueError listing the offending keys.
+    option: it gives the pretrained features to an input of equal channels).
+    Anything else raises ValueError listing the offending keys.
     Returns {"loaded", "adapted", "fresh", "unused", "format"} for the scripts to report.
     """
     if not isinstance(ckpt, dict):
