@@ -71,6 +71,15 @@ def amaes_mednext_state(blocks=(3, 4, 4, 4, 4), exp=(2, 3, 4, 4, 4)):
     return s
 
 
+def nnssl_file(network_weights):
+    """The dict an nnssl / OpenMind checkpoint holds around its ResidualEncoderUNet weights."""
+    plan = {"architecture_plans": {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None},
+            "pretrain_num_input_channels": 1, "recommended_downstream_patchsize": [160, 160, 160],
+            "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem", "keys_to_in_proj": ["encoder.stem.convs.0.conv"]}
+    return {"network_weights": network_weights, "nnssl_adaptation_plan": plan, "trainer_name": "BaseMAETrainer_BS8",
+            "current_epoch": 1000}
+
+
 def nnssl_resenc_state():
     """nnssl / OpenMind ResEnc-L (dynamic-network-architectures ResidualEncoderUNet,
     nnssl architecture_registry.get_res_enc_l), with its aliases: every
@@ -104,10 +113,7 @@ def nnssl_resenc_state():
         cnr(f"decoder.stages.{i}.convs.0", 2 * lo, lo)
         s[f"decoder.seg_layers.{i}.weight"] = torch.randn(1, lo, 1, 1, 1, generator=g)
         s[f"decoder.seg_layers.{i}.bias"] = torch.randn(1, generator=g)
-    plan = {"architecture_plans": {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None},
-            "pretrain_num_input_channels": 1, "recommended_downstream_patchsize": [160, 160, 160],
-            "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem", "keys_to_in_proj": ["encoder.stem.convs.0.conv"]}
-    return {"network_weights": s, "nnssl_adaptation_plan": plan, "trainer_name": "BaseMAETrainer_BS8", "current_epoch": 1000}
+    return nnssl_file(s)
 
 
 def legacy_monai(monkeypatch):
@@ -210,8 +216,7 @@ def test_nnssl_resenc_release_equals_dynamic_network_architectures(tmp_path):
             if isinstance(m, torch.nn.InstanceNorm3d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
-    ck = nnssl_resenc_state()
-    ck["network_weights"] = ref.state_dict()
+    ck = nnssl_file(ref.state_dict())
     torch.save(ck, tmp_path / "openmind_resenc_l.pt")
     pre = training.load_pretrained_file(tmp_path / "openmind_resenc_l.pt", "--pretrained")
     assert pre["format"] == "nnssl" and pre["arch"] == "resenc_l"
