@@ -44,6 +44,7 @@ Presets (probabilities per sample, the authors' values in RECIPE):
   wald     Wald et al.'s MAE recipe (WALD): rotation (p 0.2, every axis), scaling
            0.7..1.4 (p 0.2), mirroring (p 0.5 per axis); no intensity rows.
 """
+import functools
 import json
 import math
 from pathlib import Path
@@ -52,7 +53,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchio as tio
-from scipy.fft import next_fast_len
 from torchio.transforms import IntensityTransform, SpatialTransform
 from torchio.transforms.augmentation import RandomTransform
 
@@ -137,34 +137,40 @@ def key_of(*ints):
     return int(a) | int(b) << 32
 
 
-def _mul32(x, c, tmp):  # x <- (x * c) mod 2^32 in place, for 32-bit x in int64, without overflowing int64
-    torch.mul(x, c >> 16, out=tmp)
-    tmp.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return x.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(M32)
+def _s32(v):  # the int32 with the bits of the 32-bit unsigned v
+    v &= M32
+    return v - (1 << 32) if v >> 31 else v
 
 
-def _hash32(x, tmp=None):  # Chris Wellons' lowbias32, a well-mixed 32-bit integer hash, in place on int64 x
+def _hash32(x, tmp=None):
+    """Chris Wellons' lowbias32, a well-mixed 32-bit integer hash, in place on an int32
+    tensor holding the bits: int32 products wrap mod 2^32 as the hash needs, and the
+    shifts are made logical by masking the sign bits the arithmetic shift brings in."""
     tmp = torch.empty_like(x) if tmp is None else tmp
-    x.bitwise_xor_(x >> 16)
-    _mul32(x, 0x7FEB352D, tmp)
-    x.bitwise_xor_(x >> 15)
-    _mul32(x, 0x846CA68B, tmp)
-    return x.bitwise_xor_(x >> 16)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF))
+    x.mul_(_s32(0x7FEB352D))
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=tmp).bitwise_and_(0x1FFFF))
+    x.mul_(_s32(0x846CA68B))
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF))
 
 
 def uniform(key, shape, device="cpu"):
     """U(0, 1] float32 numbers: number i is hash(hash(i ^ low 32 bits of key) ^ high
     32 bits) -- a counter-based generator, so CPU and GPU give the same numbers.
-    On the CPU in blocks of 2^18 with in-place integer ops: the arithmetic then stays
-    in cache and allocates nothing per op (7x faster than whole-tensor temporaries)."""
+    On the CPU in blocks of 2^18 with in-place int32 ops: the arithmetic then stays
+    in cache and allocates nothing per op (int32 also vectorises where int64 products
+    do not: 6x faster than the same hash in int64)."""
     n = math.prod(shape)
     out = torch.empty(n, dtype=torch.float32, device=device)
     block = n if out.is_cuda else 1 << 18
+    x = torch.empty(min(n, block), dtype=torch.int32, device=device)
+    tmp = torch.empty_like(x)
     for s in range(0, n, block):
-        x = torch.arange(s, min(n, s + block), device=device, dtype=torch.int64)
-        tmp = torch.empty_like(x)
-        _hash32(_hash32(x.bitwise_xor_(key & M32), tmp).bitwise_xor_(key >> 32 & M32), tmp)
-        out[s:s + len(x)] = x.bitwise_right_shift_(8).add_(1).float().mul_(2.0 ** -24)
+        m = min(n, s + block) - s
+        h, t = x[:m], tmp[:m]
+        torch.arange(s, s + m, dtype=torch.int32, device=device, out=h)
+        _hash32(_hash32(h.bitwise_xor_(_s32(key)), t).bitwise_xor_(_s32(key >> 32)), t)
+        out[s:s + m] = h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).add_(1).float().mul_(2.0 ** -24)
     return out.view(shape)
 
 
@@ -248,20 +254,28 @@ def bspline_prefilter(x, dim):
     if n == 1:
         return x.clone()
     horizon = min(n, 30)  # |z|^30 < 1e-17: the mirrored initial sum is exact in float
-    zk = torch.tensor([Z3 ** i for i in range(horizon)], dtype=y.dtype, device=y.device).view(-1, *[1] * (y.dim() - 1))
-    y[0] = (zk * y[:horizon]).sum(0)
-    for i in range(1, n):
-        y[i] += Z3 * y[i - 1]
+    zk = torch.tensor([Z3 ** i for i in range(horizon)], dtype=y.dtype, device=y.device)
+    y[0] = torch.tensordot(zk, y[:horizon], dims=1)
+    for i in range(1, n):  # fused in-place steps: no temporary plane per step
+        y[i].add_(y[i - 1], alpha=Z3)
     y[n - 1] = (Z3 / (Z3 * Z3 - 1)) * (y[n - 1] + Z3 * y[n - 2])
-    for i in range(n - 2, -1, -1):
-        y[i] = Z3 * (y[i + 1] - y[i])
-    return (y * 6).movedim(0, dim)
+    for i in range(n - 2, -1, -1):  # y[i] = Z3 (y[i + 1] - y[i])
+        y[i].sub_(y[i + 1]).mul_(-Z3)
+    return y.mul_(6).movedim(0, dim)
 
 
 def bspline_weights(t):
-    """Weights of the 4 coefficients at offsets -1, 0, 1, 2 for fractional positions t: (4, *t.shape)."""
-    t2, t3 = t * t, t * t * t
-    return torch.stack([(1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3]) / 6
+    """Weights of the 4 coefficients at offsets -1, 0, 1, 2 for fractional positions t:
+    (4, *t.shape): (1 - t)^3 / 6, (3t^3 - 6t^2 + 4) / 6, the rest of 1, t^3 / 6."""
+    w = torch.empty((4, *t.shape), dtype=t.dtype, device=t.device)
+    t2 = t * t
+    torch.mul(t2, t, out=w[3])  # t^3
+    torch.mul(w[3], 0.5, out=w[1]).sub_(t2).add_(2 / 3)
+    u = 1 - t
+    torch.mul(u, u, out=w[0]).mul_(u).mul_(1 / 6)
+    w[3].mul_(1 / 6)
+    torch.add(w[0], w[1], out=w[2]).add_(w[3]).neg_().add_(1)
+    return w
 
 
 def mirror_index(i, n):
@@ -289,23 +303,49 @@ def taps(pos, n, order, mode="mirror"):
     return (mirror_index(idx, n) if mode == "mirror" else idx.clamp(0, n - 1)), w
 
 
-def resample_axis(x, dim, pos, order, mode="mirror", prefiltered=False):
+def resample_axis(x, dim, pos, order, mode="mirror"):
     """x interpolated along `dim` at positions pos (1-D): the other axes untouched.
-    prefiltered: x already holds cubic B-spline coefficients along `dim`."""
-    n = x.shape[dim]
-    if order == 3 and not prefiltered:
-        if mode == "edge":  # scipy pads 12 edge values before prefiltering with mirror ends
-            x = torch.cat([x.narrow(dim, 0, 1).expand(*x.shape[:dim], 12, *x.shape[dim + 1:]), x,
-                           x.narrow(dim, n - 1, 1).expand(*x.shape[:dim], 12, *x.shape[dim + 1:])], dim)
-            pos, n, mode = pos + 12, n + 24, "mirror"
-        x = bspline_prefilter(x, dim)
-    idx, w = taps(pos, n, order, mode)
+    Cubic: the prefilter and the 4-tap sum along one axis are together one linear map
+    from the axis's n samples to the len(pos) outputs (a dense matrix: every output
+    depends on every sample through the recursion). It is built once from the same
+    recursion run on the n x n identity in float64 (axis_matrix) and applied as one
+    matrix product -- exact, and ~10x faster than n dependent steps over the volume."""
+    if order == 3:
+        m = axis_matrix(x.shape[dim], pos.detach().cpu().double().numpy().tobytes(), mode)
+        return _matmul_along(x, dim, m.to(x.device, x.dtype))
+    idx, w = taps(pos.to(x.device), x.shape[dim], order, mode)
     shape = [1] * x.dim()
     shape[dim] = -1
     out = 0
     for i, wi in zip(idx, w):
         out = out + x.index_select(dim, i) * wi.view(shape).to(x.dtype)
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def axis_matrix(n, pos, mode="mirror"):
+    """(len(pos), n) float64 matrix of cubic B-spline interpolation along an axis of n
+    samples at positions pos (float64 bytes, hashable for the cache: the 1-D grids of a
+    run repeat), prefilter included, boundaries as scipy's 'mirror' or 'edge' mode."""
+    pos = torch.from_numpy(np.frombuffer(pos, dtype=np.float64).copy())
+    x = torch.eye(n, dtype=torch.float64)
+    if mode == "edge":  # scipy pads 12 edge values before prefiltering with mirror ends
+        x = torch.cat([x[:1].expand(12, n), x, x[-1:].expand(12, n)])
+        pos, mode = pos + 12, "mirror"
+    x = bspline_prefilter(x, 0)  # column j: the coefficients of the unit signal e_j
+    idx, w = taps(pos, x.shape[0], 3, mode)
+    return sum(x[i] * wi[:, None] for i, wi in zip(idx, w))
+
+
+def _matmul_along(x, dim, m):
+    """out[..., o, ...] = sum_j m[o, j] x[..., j, ...] along `dim`: one GEMM (or a batch
+    of them for an inner axis), no transposed copies of x."""
+    dim, shape = dim % x.dim(), x.shape
+    if dim == x.dim() - 1:
+        out = x.reshape(-1, shape[-1]) @ m.T
+    else:
+        out = torch.matmul(m, x.reshape(math.prod(shape[:dim]), shape[dim], -1))
+    return out.view(*shape[:dim], m.shape[0], *shape[dim + 1:])
 
 
 def resize(x, shape, order=3, mode="mirror"):
@@ -318,8 +358,8 @@ def resize(x, shape, order=3, mode="mirror"):
     lo, hi = x.amin(), x.amax()
     for d, n in enumerate(shape):
         if n != x.shape[lead + d]:
-            pos = (torch.arange(n, dtype=torch.float64, device=x.device) + 0.5) * (x.shape[lead + d] / n) - 0.5
-            x = resample_axis(x, lead + d, pos.to(x.dtype), order, mode)
+            pos = (torch.arange(n, dtype=torch.float64) + 0.5) * (x.shape[lead + d] / n) - 0.5
+            x = resample_axis(x, lead + d, pos, order, mode)
     return x.clamp(lo, hi) if order else x
 
 
@@ -329,14 +369,19 @@ def cubic_sample(coef, coords, cval, chunk=None):
     coefficients past the edges, cval for points outside [0, n - 1]. Returns (N,).
     The coefficients are mirror-padded by 2 once, so a point's 64 taps are one base
     index plus 64 fixed offsets; the sum is reduced axis by axis (64 -> 16 -> 4 -> 1
-    products). Points go in chunks (16384 on the CPU, where the gathers stay in cache)."""
+    products). On the CPU the gathers go 2048 points at a time: their 64 x 2048
+    indices and values then stay in cache (3x faster than 16384)."""
     n, dev = coef.shape, coef.device
-    chunk = chunk or (1 << 18 if coef.is_cuda else 1 << 14)
-    pad = [mirror_index(torch.arange(-2, s + 2, device=dev), s) for s in n]
-    flat = coef[pad[0]][:, pad[1]][:, :, pad[2]].reshape(-1)  # (X + 4) (Y + 4) (Z + 4)
+    chunk = chunk or (1 << 18 if coef.is_cuda else 1 << 16)
+    sub = chunk if coef.is_cuda else 1 << 11
+    if min(n) > 2:  # torch's 'reflect' is scipy's 'mirror' (d c b | a b c d | c b a)
+        flat = F.pad(coef[None, None], (2,) * 6, mode="reflect").reshape(-1)  # (X + 4) (Y + 4) (Z + 4)
+    else:
+        pad = [mirror_index(torch.arange(-2, s + 2, device=dev), s) for s in n]
+        flat = coef[pad[0]][:, pad[1]][:, :, pad[2]].reshape(-1)
     m1, m2 = n[1] + 4, n[2] + 4
     r = torch.arange(4, device=dev)
-    offsets = ((r.view(4, 1, 1) * m1 + r.view(1, 4, 1)) * m2 + r.view(1, 1, 4)).view(64, 1)
+    offsets = ((r.view(4, 1, 1) * m1 + r.view(1, 4, 1)) * m2 + r.view(1, 1, 4)).view(64, 1) + (m1 + 1) * m2 + 1  # tap -1 of the padded array
     hi = torch.tensor(n, device=dev, dtype=coords.dtype).view(3, 1) - 1
     out = torch.empty(coords.shape[1], dtype=coef.dtype, device=dev)
     for s in range(0, coords.shape[1], chunk):
@@ -345,11 +390,16 @@ def cubic_sample(coef, coords, cval, chunk=None):
         p = torch.minimum(p.clamp(min=0), hi)  # outside points read anything in range, then get cval
         f = torch.floor(p)
         w = bspline_weights(p - f)  # (4, 3, m): taps -1, 0, 1, 2 per axis
-        f = f.long() + 1  # tap -1 in the padded array
-        v = flat.take((f[0] * m1 + f[1]) * m2 + f[2] + offsets).view(4, 4, 4, -1)
-        acc = (v * w[:, 2]).sum(2)  # (4, 4, m)
-        acc = (acc * w[:, 1]).sum(1)  # (4, m)
-        out[s:s + chunk] = torch.where(inside, (acc * w[:, 0]).sum(0), cval)
+        f = f.long()
+        base = (f[0] * m1 + f[1]) * m2 + f[2]
+        res = torch.empty(p.shape[1], dtype=coef.dtype, device=dev)
+        for q in range(0, p.shape[1], sub):
+            v = flat.index_select(0, (base[q:q + sub] + offsets).view(-1)).view(4, 4, 4, -1)
+            wq = w[:, :, q:q + sub]
+            acc = (v * wq[:, 2]).sum(2)  # (4, 4, m)
+            acc = (acc * wq[:, 1]).sum(1)  # (4, m)
+            res[q:q + sub] = (acc * wq[:, 0]).sum(0)
+        out[s:s + chunk] = torch.where(inside, res, cval)
     return out
 
 
@@ -380,21 +430,18 @@ def rotation_matrix(angles_deg):
     return rx @ ry @ rz
 
 
-def gaussian_fft(x, sigma, dim):
-    """scipy.ndimage.gaussian_filter1d(x, sigma, mode='constant', cval=0) along dim
-    (truncate 4), as a zero-padded linear convolution by FFT: exact, and cheap at the
-    large sigmas of the elastic field (20-30 voxels, 201-tap kernels)."""
+@functools.lru_cache(maxsize=32)
+def gaussian_matrix(n, sigma):
+    """(n, n) float64 matrix of scipy.ndimage.gaussian_filter1d(mode='constant', cval=0,
+    truncate 4) on an axis of n samples: row o holds the normalised kernel centred on o,
+    cut where it leaves the axis. At the elastic field's sigmas (20-30 voxels, 201-tap
+    kernels longer than the 128 axis) the matrix is dense, and one matrix product per
+    axis costs less than a convolution or an FFT."""
     r = int(4 * sigma + 0.5)
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64, device=x.device) / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    n = x.shape[dim]
-    # only the n central outputs are kept: a circular convolution of length >= n + r
-    # cannot wrap onto them, so the FFT need not cover the whole n + 2r linear result
-    nfft = next_fast_len(n + r, real=True)
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    y = torch.fft.irfft(torch.fft.rfft(x, n=nfft, dim=dim) * torch.fft.rfft(k, n=nfft).view(shape), n=nfft, dim=dim)
-    return y.narrow(dim, r, n)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = k / k.sum()
+    d = torch.arange(n).view(-1, 1) - torch.arange(n).view(1, -1)  # output - input
+    return torch.where(d.abs() <= r, k[(d + r).clamp(0, 2 * r)], 0.0)
 
 
 def spatial_coords(params, patch, centre, key, device):
@@ -411,11 +458,10 @@ def spatial_coords(params, patch, centre, key, device):
                                    indexing="ij"))
     if "elastic" in params:
         alpha, sigma = params["elastic"]
-        for d in range(3):
-            noise = uniform(key_of(key & M32, key >> 32, 10 + d), patch, device) * 2 - 1
-            for ax in range(3):
-                noise = gaussian_fft(noise, sigma, ax)
-            g[d] += noise * alpha
+        noise = torch.stack([uniform(key_of(key & M32, key >> 32, 10 + d), patch, device) for d in range(3)]) * 2 - 1
+        for ax in range(3):  # the three fields at once: (3, *patch)
+            noise = _matmul_along(noise, ax + 1, gaussian_matrix(patch[ax], sigma).to(device, torch.float32))
+        g += noise * alpha
     if "rotation" in params:
         g = torch.einsum("ij,i...->j...", torch.tensor(rotation_matrix(params["rotation"]), dtype=torch.float32, device=device), g)
     g = g * params.get("scale", 1.0)
@@ -433,25 +479,29 @@ def spatial(x, params, patch, order=3, cval=None, label=None, clip=False, coef=N
     (order 3; 1 = trilinear, a faster deviation), outside = cval (default: the
     sample's minimum), clipped to the input's range with clip (pretraining); label
     (R0, R1, R2) -> (*patch) nearest, outside 0. coef: prefilter3(x) when the caller
-    has it (augment_batch prefilters a whole batch at once). Mirroring (Wald et al.'s
-    recipe) flips the output."""
+    has it (augment_batch prefilters its rotated and deformed samples at once; the
+    axis-aligned ones do not need it). Mirroring (Wald et al.'s recipe) flips the
+    output."""
     centre = [n / 2 - 0.5 for n in x.shape[1:]]
     lo, hi = x.amin(), x.amax()
     cval = lo if cval is None else cval
-    coords = spatial_coords(params, patch, centre, params.get("_key", 0), x.device)
-    if isinstance(coords, list):  # axis-aligned: 1-D resampling per axis, exact and cheap
-        out, inside = (x if coef is None or order != 3 else coef), True
+    aligned = "elastic" not in params and "rotation" not in params
+    # the 1-D grids of an axis-aligned transform are made on the CPU: they key the
+    # cache of interpolation matrices without a device sync
+    coords = spatial_coords(params, patch, centre, params.get("_key", 0), "cpu" if aligned else x.device)
+    if aligned:  # the tensor-product spline on a grid factorises: one matrix product per axis
+        out, inside = x, True
         for d, pos in enumerate(coords):
-            out = resample_axis(out, d + 1, pos, order, prefiltered=coef is not None)
+            out = resample_axis(out, d + 1, pos, order)
             ok = (pos >= 0) & (pos <= x.shape[d + 1] - 1)
             inside = inside & ok.view([-1 if i == d else 1 for i in range(3)])
-        out = torch.where(inside, out, cval)
+        out = torch.where(inside.to(x.device), out, cval)
         lab = None
         if label is not None:
             lab = label
             for d, pos in enumerate(coords):
-                lab = lab.index_select(d, torch.floor(pos + 0.5).long().clamp(0, label.shape[d] - 1))
-            lab = torch.where(inside, lab, torch.zeros((), dtype=label.dtype, device=label.device))
+                lab = lab.index_select(d, torch.floor(pos + 0.5).long().clamp(0, label.shape[d] - 1).to(label.device))
+            lab = torch.where(inside.to(x.device), lab, torch.zeros((), dtype=label.dtype, device=label.device))
     else:
         flat = coords.reshape(3, -1)
         if order == 3:
@@ -514,13 +564,16 @@ def multiplicative_noise(x, sigmas, key):
 
 
 def _kspace(x, mask_along, axis):
-    """|ifft(fft(x - m) * mask)| + m with m = min(0, min x): the shape of Yucca's
-    ghosting and ringing (mask: 1-D over the unshifted frequencies of `axis`)."""
+    """|ifftn(fftn(x - m) * mask)| + m with m = min(0, min x): the shape of Yucca's
+    ghosting and ringing (mask: 1-D over the unshifted frequencies of `axis`). A mask
+    that varies along one axis only commutes with the transforms along the others,
+    which then cancel: the 1-D transform pair along `axis` gives the same array at a
+    third of the cost."""
     m = x.min().clamp(max=0)  # a tensor: no host sync on the GPU
-    k = torch.fft.fftn(x - m)
+    k = torch.fft.fft(x - m, dim=axis)
     shape = [1, 1, 1]
     shape[axis] = -1
-    return torch.fft.ifftn(k * mask_along.view(shape)).abs().to(x.dtype) + m
+    return torch.fft.ifft(k * mask_along.view(shape), dim=axis).abs().to(x.dtype) + m
 
 
 def ghosting(x, params, key=None):
@@ -631,11 +684,12 @@ def augment_batch(ds, regions, ks, labels=None):
     with torch.no_grad():
         regions = regions.float()
         params = [ds.params(int(k)) for k in ks]
-        resampled = [tuple(regions.shape[2:]) != tuple(ds.patch) or p["spatial"] for p in params]
-        # B-spline coefficients of the whole batch at once (one recursion per axis)
-        coef = prefilter3(regions) if ds.order == 3 and any(resampled) else None
+        # B-spline coefficients of the rotated or deformed samples at once (one recursion
+        # per axis); axis-aligned ones are resampled by matrix products without them
+        warped = [i for i, p in enumerate(params) if {"elastic", "rotation"} & set(p["spatial"])]
+        coef = dict(zip(warped, prefilter3(regions[warped]))) if ds.order == 3 and warped else {}
         outs = [augment_sample(regions[i], params[i], ds.patch, ds.order, None if labels is None else labels[i].long(),
-                               labels is None, None if coef is None else coef[i]) for i in range(len(params))]
+                               labels is None, coef.get(i)) for i in range(len(params))]
     a = torch.stack([o[0] for o in outs])
     b = torch.stack([o[1] for o in outs])
     return a, (b.long() if labels is not None else b)

@@ -45,10 +45,17 @@ def binomial_ok(hits, n, p, z=4.5):
     return abs(hits - n * p) <= z * np.sqrt(n * p * (1 - p))
 
 
-def yucca_coords(params, patch, region):
-    """The authors' coordinates, written out independently: zero-centred grid, rotated
+def yucca_coords(params, patch, region, key=0):
+    """The authors' coordinates, written out independently: zero-centred grid, + the
+    elastic displacement (scipy's gaussian_filter of U(-1, 1) noise, mode constant,
+    times alpha, per axis; the noise fields are the kit's, drawn from `key`), rotated
     as coords^T . Rx Ry Rz, scaled, + region / 2 - 0.5."""
     g = np.stack(np.meshgrid(*[np.arange(p) - (p - 1) / 2 for p in patch], indexing="ij")).astype(float)
+    if "elastic" in params:
+        alpha, sigma = params["elastic"]
+        for d in range(3):
+            noise = data.uniform(data.key_of(key & data.M32, key >> 32, 10 + d), patch).double().numpy() * 2 - 1
+            g[d] += ndimage.gaussian_filter(noise, sigma, mode="constant", cval=0.0) * alpha
     if "rotation" in params:
         ax, ay, az = np.deg2rad(params["rotation"])
         rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -63,15 +70,20 @@ def yucca_coords(params, patch, region):
 # Resampling and geometry
 
 @pytest.mark.parametrize("params", [{}, {"scale": 0.93}, {"scale": 1.5}, {"rotation": [20.0, 0.0, -12.0]},
-                                    {"rotation": [0.0, 25.0, 5.0], "scale": 1.08}])
+                                    {"rotation": [0.0, 25.0, 5.0], "scale": 1.08}, {"elastic": [300.0, 6.0]},
+                                    {"elastic": [250.0, 5.0], "rotation": [10.0, -5.0, 20.0], "scale": 0.95}])
 def test_spatial_equals_scipy_map_coordinates(params):
-    """Fixed rotation / scale: the kit's cubic resampling equals scipy's
-    map_coordinates(order=3, mode='constant', cval=min, prefilter) at the same
-    coordinates, to 1e-4 of the intensity range (a 45 x 40 x 47 region, 32^3 patch)."""
+    """Fixed elastic / rotation / scale parameters: the kit's cubic resampling equals
+    scipy's map_coordinates(order=3, mode='constant', cval=min, prefilter) at the
+    authors' coordinates, to 1e-4 of the intensity range (a 45 x 40 x 47 region, 32^3
+    patch; the elastic field filtered by scipy's gaussian_filter)."""
     vol = ndimage.gaussian_filter(np.random.default_rng(1).random((45, 40, 47)), 1.5)
-    patch = (32, 32, 32)
-    want = ndimage.map_coordinates(vol, yucca_coords(params, patch, vol.shape), order=3, mode="constant", cval=vol.min())
-    got, _ = data.spatial(torch.from_numpy(vol).float()[None], dict(params, _key=0), patch)
+    patch, key = (32, 32, 32), 0x1234_5678_9ABC
+    coords = yucca_coords(params, patch, vol.shape, key)
+    if "elastic" in params:  # the displacement is large enough to matter
+        assert np.abs(coords - yucca_coords({k: v for k, v in params.items() if k != "elastic"}, patch, vol.shape)).max() > 1
+    want = ndimage.map_coordinates(vol, coords, order=3, mode="constant", cval=vol.min())
+    got, _ = data.spatial(torch.from_numpy(vol).float()[None], dict(params, _key=key), patch)
     assert np.abs(got[0].numpy() - want).max() <= 1e-4 * (vol.max() - vol.min())
 
 
@@ -206,8 +218,11 @@ def test_counter_based_noise_is_the_same_numbers_everywhere():
     assert 0 < u.min() and u.max() <= 1 and abs(u.mean().item() - 0.5) < 0.03
     n = data.normal(99, (100_000,))
     assert abs(n.mean().item()) < 0.02 and abs(n.std().item() - 1) < 0.02
-    # a hand check of the hash: lowbias32(0) = 0, lowbias32(1) = 0x5C17DE66 (Wellons' published constants)
-    assert data._hash32(torch.tensor([0, 1])).tolist() == [0, _lowbias32(1)]
+    # the hash against its definition (Wellons' lowbias32) in plain Python integers
+    # the int32 tensor version (wrapping products, masked shifts) bit for bit, over the whole 32-bit range
+    vals = [0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1] + np.random.default_rng(3).integers(0, 2 ** 32, 2000).tolist()
+    got = data._hash32(torch.tensor([v - 2 ** 32 if v >= 2 ** 31 else v for v in vals], dtype=torch.int32))
+    assert [g & 0xFFFFFFFF for g in got.tolist()] == [_lowbias32(v) for v in vals]
     # number i of a long stream, across the CPU's blocks of 2^18, equals the formula in plain integers
     key = 0x9E3779B97F4A7C15
     long = data.uniform(key, (300_000,))
