@@ -339,7 +339,9 @@ def axis_matrix(n, pos, mode="mirror"):
 
 def _matmul_along(x, dim, m):
     """out[..., o, ...] = sum_j m[o, j] x[..., j, ...] along `dim`: one GEMM (or a batch
-    of them for an inner axis), no transposed copies of x."""
+    of them for an inner axis), no transposed copies of x. In float32: with TF32 matmuls
+    switched on (torch.backends.cuda.matmul.allow_tf32, off by default and in this kit)
+    the resampling would lose its exactness."""
     dim, shape = dim % x.dim(), x.shape
     if dim == x.dim() - 1:
         out = x.reshape(-1, shape[-1]) @ m.T
