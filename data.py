@@ -309,7 +309,8 @@ def resample_axis(x, dim, pos, order, mode="mirror"):
     from the axis's n samples to the len(pos) outputs (a dense matrix: every output
     depends on every sample through the recursion). It is built once from the same
     recursion run on the n x n identity in float64 (axis_matrix) and applied as one
-    matrix product -- exact, and ~10x faster than n dependent steps over the volume."""
+    matrix product -- exact, and 3x faster for a 181^3 region than n dependent steps
+    over the volume."""
     if order == 3:
         m = axis_matrix(x.shape[dim], pos.detach().cpu().double().numpy().tobytes(), mode)
         return _matmul_along(x, dim, m.to(x.device, x.dtype))
@@ -372,7 +373,7 @@ def cubic_sample(coef, coords, cval, chunk=None):
     The coefficients are mirror-padded by 2 once, so a point's 64 taps are one base
     index plus 64 fixed offsets; the sum is reduced axis by axis (64 -> 16 -> 4 -> 1
     products). On the CPU the gathers go 2048 points at a time: their 64 x 2048
-    indices and values then stay in cache (3x faster than 16384)."""
+    indices and values then stay in cache (the gathers 2-3x faster than with 16384)."""
     n, dev = coef.shape, coef.device
     chunk = chunk or (1 << 18 if coef.is_cuda else 1 << 16)
     sub = chunk if coef.is_cuda else 1 << 11
