@@ -447,6 +447,12 @@ def gaussian_matrix(n, sigma):
     return torch.where(d.abs() <= r, k[(d + r).clamp(0, 2 * r)], 0.0)
 
 
+def warps(params):
+    """Whether spatial parameters move the grid off the axes (elastic or rotation): then
+    every voxel needs its 64 cubic taps, otherwise the resampling factorises by axis."""
+    return "elastic" in params or "rotation" in params
+
+
 def spatial_coords(params, patch, centre, key, device):
     """Where each voxel of the output patch reads the input, in Yucca's order:
     zero-centred grid ((P - 1) / 2), + elastic displacement (gaussian_filter of
@@ -455,7 +461,7 @@ def spatial_coords(params, patch, centre, key, device):
     [(P0,), (P1,), (P2,)] when the transform keeps the grid axis-aligned (no elastic,
     no rotation): then the resampling factorises axis by axis."""
     axes = [(torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2) * params.get("scale", 1.0) for p in patch]
-    if "elastic" not in params and "rotation" not in params:
+    if not warps(params):
         return [a + c for a, c in zip(axes, centre)]
     g = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2 for p in patch],
                                    indexing="ij"))
@@ -488,23 +494,23 @@ def spatial(x, params, patch, order=3, cval=None, label=None, clip=False, coef=N
     centre = [n / 2 - 0.5 for n in x.shape[1:]]
     lo, hi = x.amin(), x.amax()
     cval = lo if cval is None else cval
-    aligned = "elastic" not in params and "rotation" not in params
     # the 1-D grids of an axis-aligned transform are made on the CPU: they key the
     # cache of interpolation matrices without a device sync
-    coords = spatial_coords(params, patch, centre, params.get("_key", 0), "cpu" if aligned else x.device)
-    if aligned:  # the tensor-product spline on a grid factorises: one matrix product per axis
+    coords = spatial_coords(params, patch, centre, params.get("_key", 0), x.device if warps(params) else "cpu")
+    if not warps(params):  # the tensor-product spline on a grid factorises: one matrix product per axis
         out, inside = x, True
         for d, pos in enumerate(coords):
             out = resample_axis(out, d + 1, pos, order)
             ok = (pos >= 0) & (pos <= x.shape[d + 1] - 1)
             inside = inside & ok.view([-1 if i == d else 1 for i in range(3)])
-        out = torch.where(inside.to(x.device), out, cval)
+        inside = inside.to(x.device)
+        out = torch.where(inside, out, cval)
         lab = None
         if label is not None:
             lab = label
             for d, pos in enumerate(coords):
                 lab = lab.index_select(d, torch.floor(pos + 0.5).long().clamp(0, label.shape[d] - 1).to(label.device))
-            lab = torch.where(inside.to(x.device), lab, torch.zeros((), dtype=label.dtype, device=label.device))
+            lab = torch.where(inside, lab, torch.zeros((), dtype=label.dtype, device=label.device))
     else:
         flat = coords.reshape(3, -1)
         if order == 3:
@@ -689,7 +695,7 @@ def augment_batch(ds, regions, ks, labels=None):
         params = [ds.params(int(k)) for k in ks]
         # B-spline coefficients of the rotated or deformed samples at once (one recursion
         # per axis); axis-aligned ones are resampled by matrix products without them
-        warped = [i for i, p in enumerate(params) if {"elastic", "rotation"} & set(p["spatial"])]
+        warped = [i for i, p in enumerate(params) if warps(p["spatial"])]
         coef = dict(zip(warped, prefilter3(regions[warped]))) if ds.order == 3 and warped else {}
         outs = [augment_sample(regions[i], params[i], ds.patch, ds.order, None if labels is None else labels[i].long(),
                                labels is None, coef.get(i)) for i in range(len(params))]
