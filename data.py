@@ -91,6 +91,27 @@ def read_dataset(root):
     return ds
 
 
+def leaked_test_files(root, test_roots):
+    """{test dataset: [raw file names]} of the pretraining volumes of `root` that are test
+    cases of the labelled datasets `test_roots`, matched by the raw source files' name and
+    size recorded in each case's meta (so a copy of a file is found too). BRAINS-45K
+    holds BraTS21, ISLES22, WMH and MSSEG1, so pretraining on it can see their test cases."""
+    def sources(r, split=None):
+        out = {}
+        for c in read_dataset(r)["cases"]:
+            if split is None or c["split"] == split:
+                meta = json.loads((Path(r) / "meta" / f"{c['case']}.json").read_text())
+                out.update({(Path(p).name, size): c["case"] for p, size, _ in meta.get("fingerprint", [])})
+        return out
+    ours = sources(root)
+    found = {}
+    for t in test_roots:
+        hits = sorted(name for name, size in set(sources(t, "test")) & set(ours))
+        if hits:
+            found[str(t)] = hits
+    return found
+
+
 def case_names(root, split=None):
     return [c["case"] for c in read_dataset(root)["cases"] if split is None or c["split"] == split]
 

@@ -53,12 +53,12 @@ METRICS = ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percen
 # Inference
 
 def window_starts(size, patch, overlap):
-    """Start offsets along one axis: windows of `patch` with at least `overlap` shared,
-    spread evenly, the first at 0 and the last flush with the end."""
-    if size <= patch:
-        return [0]
-    n = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
-    return sorted({round(i * (size - patch) / (n - 1)) for i in range(n)})
+    """Start offsets along one axis, as Yucca's get_steps_for_sliding_window: every
+    floor(patch * (1 - overlap)) voxels from 0 while a window still ends before the
+    volume does, then one window flush with the end (200 voxels, patch 128, overlap
+    0.5: 0, 64, 72). size >= patch (the volume is padded first)."""
+    step = max(1, math.floor(patch * (1 - overlap)))
+    return [s for s in range(0, size, step) if s < size - patch] + [size - patch]
 
 
 def gaussian_weight(patch, device):
@@ -71,14 +71,17 @@ def gaussian_weight(patch, device):
 @torch.no_grad()
 def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None):
     """Logits (K, X, Y, Z) for a whole volume image (C, X, Y, Z) (a tensor on the
-    model's device). Window logits are summed ("sum", the paper) or Gaussian-weighted,
-    then divided by the summed weights; a volume smaller than the patch is padded with
-    0 (background) and cropped back. tta: the mean over the 8 mirror images."""
+    model's device), as the authors' Yucca predict: window logits SUMMED ("sum": no
+    division, so a voxel seen by 8 windows has 8 windows' logits) or, with "gaussian",
+    Gaussian-weighted and divided by the summed weights (nnU-Net); a volume smaller than
+    the patch is padded with 0 (background), centred as Yucca's pad_to_size (d // 2
+    before, the rest after), and cropped back. tta: the mean over the 8 mirror images."""
     autocast = autocast or torch.autocast("cpu", enabled=False)
     patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
     size = image.shape[1:]
     pad = [max(0, p - s) for p, s in zip(patch, size)]
-    x = F.pad(image, [v for p in reversed(pad) for v in (0, p)])  # (C, X', Y', Z')
+    before = [d // 2 for d in pad]
+    x = F.pad(image, [v for d, b in zip(reversed(pad), reversed(before)) for v in (b, d - b)])  # (C, X', Y', Z')
     grid = [window_starts(s, p, overlap) for s, p in zip(x.shape[1:], patch)]
     starts = [(i, j, k) for i in grid[0] for j in grid[1] for k in grid[2]]
     w = gaussian_weight(patch, x.device) if blend == "gaussian" else torch.ones(patch, device=x.device)
@@ -100,8 +103,9 @@ def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, bat
             sl = (slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
             out[(slice(None),) + sl] += y * w
             norm[sl] += w
-    out = out / norm
-    return out[:, :size[0], :size[1], :size[2]]
+    if blend == "gaussian":
+        out = out / norm
+    return out[:, before[0]:before[0] + size[0], before[1]:before[1] + size[1], before[2]:before[2] + size[2]]
 
 
 def load_model(path, device="cpu"):
@@ -141,7 +145,79 @@ def predict(model, image, info, meta, overlap=0.5, blend="sum", tta=False, batch
 
 
 # -----------------------------------------------------------------------------
-# Metrics, with each challenge's conventions
+# Metrics, as the authors computed them (--metrics authors, the default)
+
+# amaes src/evaluator.py with yucca's metric functions (yucca functional/evaluation/metrics.py):
+# name -> f(tp, fp, fn). Their numpy integer division gives NaN for 0 / 0 (a warning, not
+# the ZeroDivisionError their except clause waits for), so every ratio is NaN when its
+# denominator is 0 -- precision too when a label is missed entirely.
+AUTHORS_METRICS = {
+    "dice": lambda tp, fp, fn: 2 * tp / (2 * tp + fp + fn),
+    "jaccard": lambda tp, fp, fn: tp / (tp + fp + fn),
+    "sensitivity": lambda tp, fp, fn: tp / (tp + fn),
+    "precision": lambda tp, fp, fn: tp / (tp + fp),
+    "volume_similarity": lambda tp, fp, fn: 1 - abs(fn - fp) / (2 * tp + fn + fp),
+    "tp": lambda tp, fp, fn: tp, "fp": lambda tp, fp, fn: fp, "fn": lambda tp, fp, fn: fn,
+    "ref_voxels": lambda tp, fp, fn: tp + fn, "pred_voxels": lambda tp, fp, fn: tp + fp,
+}
+AUTHORS_RULES = ("authors (amaes src/evaluator.py): one confusion matrix per case over the label values; per label "
+                 "Dice = 2TP / (2TP + FP + FN) etc., NaN when a label is in neither; 'all' = the metric of TP / FP / FN "
+                 "summed over the labels other than 0 (a micro-average, not a union mask); each value rounded to 4 "
+                 "decimals, then the mean over cases with NaN left out, rounded to 4 (0 when NaN in every case)")
+
+
+def confusion(pred, ref, values):
+    """(K, K) voxel counts, rows = reference value, columns = predicted value, over the
+    label values `values`; a voxel whose reference or prediction is not one of them
+    (an ignore label) is left out, as sklearn's confusion_matrix(labels=values)."""
+    values = np.asarray(values, np.int64)
+    lut = np.full(max(int(values.max()), int(ref.max()), int(pred.max())) + 1, len(values), np.int64)
+    lut[values] = np.arange(len(values))
+    r, p = lut[np.clip(ref, 0, None).ravel()], lut[np.clip(pred, 0, None).ravel()]
+    keep = (r < len(values)) & (p < len(values))
+    return np.bincount(r[keep] * len(values) + p[keep], minlength=len(values) ** 2).reshape(len(values), len(values))
+
+
+def _ratio(f, tp, fp, fn):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.round(np.float64(f(np.int64(tp), np.int64(fp), np.int64(fn))), 4))
+
+
+def authors_case_metrics(pred, ref, values):
+    """{"0": metrics, "1": ..., "all": ...} for one case, as amaes src/evaluator.py's
+    process_case: per label value from the confusion matrix, "all" from the TP / FP / FN
+    summed over the values other than 0; every value rounded to 4 decimals."""
+    cm = confusion(pred, ref, values)
+    out, agg = {}, np.zeros(3, np.int64)
+    for i, v in enumerate(values):
+        tp, fp, fn = cm[i, i], cm[:, i].sum() - cm[i, i], cm[i, :].sum() - cm[i, i]
+        if v != 0:
+            agg += (tp, fp, fn)
+        out[str(v)] = {m: _ratio(f, tp, fp, fn) for m, f in AUTHORS_METRICS.items()}
+    out["all"] = {m: _ratio(f, *agg) for m, f in AUTHORS_METRICS.items()}
+    return out
+
+
+def authors_summary(rows, keys):
+    """Per label and metric: "mean" as amaes src/evaluator.py reports it (the nanmean over
+    cases, rounded to 4 decimals; 0 when NaN in every case), with std / median / n /
+    nan_excluded beside it."""
+    out = {}
+    for k in keys:
+        out[k] = {}
+        for m in AUTHORS_METRICS:
+            vals = np.array([r["metrics"][k][m] for r in rows if k in r["metrics"]], dtype=float)
+            ok = vals[~np.isnan(vals)]
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(vals) if len(ok) else 0.0
+            out[k][m] = {"mean": float(np.round(mean, 4)),
+                         "std": float(ok.std()) if len(ok) else None, "median": float(np.median(ok)) if len(ok) else None,
+                         "n": int(len(ok)), "nan_excluded": int(np.isnan(vals).sum())}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Metrics, with each challenge's conventions (--metrics challenge)
 
 # What each set of rules does where a mask is empty, and how HD95 is taken (printed with the table)
 RULES = {
@@ -274,8 +350,9 @@ def raw_cases(folder, in_channels):
     return out, bad
 
 
-def preprocess_raw(files):
-    """(image (C, X, Y, Z), meta for to_native) of raw channel files, by preprocess.py's recipe."""
+def preprocess_raw(files, transpose=None):
+    """(image (C, X, Y, Z), meta for to_native) of raw channel files, by preprocess.py's
+    recipe, in the axis order of the model's training data (transpose)."""
     channels, affine = [], None
     for f in files:
         x, aff = preprocess.read_nifti(f)
@@ -286,7 +363,7 @@ def preprocess_raw(files):
             raise preprocess.CaseError(f"{f}: its grid differs from {files[0]}; register the channels first")
         affine = aff if affine is None else affine
         channels.append(x)
-    image, _, meta = preprocess.preprocess_arrays(channels, affine)
+    image, _, meta = preprocess.preprocess_arrays(channels, affine, transpose=transpose)
     image = image.astype(np.float16)  # the precision preprocess.py stores, so both routes predict alike
     meta.update({"original_affine": affine.tolist(), "original_shape": list(channels[0].shape), "source_files": list(files)})
     return image, meta
@@ -330,6 +407,10 @@ def get_args(argv=None):
     p.add_argument("--raw-root", help="where the raw dataset given to preprocess.py --input is now, if it moved "
                    "(predictions take the raw images' grid and metrics read the raw labels)")
     p.add_argument("--out", help="output folder (default RUN/eval, or RUN/predict with --images)")
+    p.add_argument("--metrics", default="authors", choices=("authors", "challenge"), help="authors (default): what the "
+                   "authors' evaluator computed for Table 2 (Dice etc. per label value and 'all', the micro-average over "
+                   "the foreground labels; nanmean over cases); challenge: the challenge's conventions (BraTS regions and "
+                   "empty-case rules, WMH label 2 masked, ISLES lesion-wise F1, HD95)")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
     p.add_argument("--blend", default="sum", choices=("sum", "gaussian"), help="sum logits (default, the paper) or Gaussian-weight them")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 mirror images")
@@ -353,40 +434,56 @@ def get_args(argv=None):
     return a
 
 
-def print_table(summary, rule_text):
-    w = max([8] + [len(v) for v in summary])
-    print(f"\n{'region':{w}s} {'metric':18s} {'mean':>9s} {'std':>9s} {'median':>9s} {'n':>4s} {'NaN left out':>13s}")
+def print_table(summary, rule_text, names=None):
+    """The summary as a table; with the authors' metrics, Dice, Jaccard, sensitivity and
+    precision per label (names: label value -> name, shown beside the value)."""
+    names = names or {}
+    label = {v: f"{v} ({names[v]})" if v in names else v for v in summary}
+    w = max([8] + [len(s) for s in label.values()])
+    print(f"\n{'label/region':{w}s} {'metric':18s} {'mean':>9s} {'std':>9s} {'median':>9s} {'n':>4s} {'NaN left out':>13s}")
     for v, per in summary.items():
         for m, s in per.items():
+            if m in ("tp", "fp", "fn", "ref_voxels", "pred_voxels", "volume_similarity"):
+                continue  # in metrics.json / metrics.csv; the table keeps to the ratios people compare
             f = (lambda x: f"{x:9.4f}" if x is not None else f"{'-':>9s}")
-            print(f"{v:{w}s} {m:18s} {f(s['mean'])} {f(s['std'])} {f(s['median'])} {s['n']:4d} {s['nan_excluded']:13d}")
-    print(f"Rules: {rule_text}. NaN values are left out of the mean (nanmean) and counted.")
+            print(f"{label[v]:{w}s} {m:18s} {f(s['mean'])} {f(s['std'])} {f(s['median'])} {s['n']:4d} {s['nan_excluded']:13d}")
+    print(f"Metrics: {rule_text}.")
 
 
 def report(paths, out):
-    """The Table-2-style comparison: finished evaluations grouped by (dataset, arch,
-    pretrained or from scratch); per region, the mean and (population) std over the
-    runs of each run's case-mean Dice. Writes out/report.md and out/report.csv."""
-    runs = []
+    """The Table-2-style comparison: finished evaluations grouped by configuration --
+    (dataset, metric set, arch, pretrained or from scratch, the initialisation file,
+    recipe, n-train) -- so runs scored or trained differently are never averaged; per
+    label / region, the mean and (population) std over the runs (seeds) of each run's
+    case-mean Dice. A metrics.json reached by two names counts once. Writes
+    out/report.md and out/report.csv."""
+    runs, seen = [], set()
     for p in map(Path, paths):
         f = next((c for c in (p / "metrics.json", p / "eval" / "metrics.json") if c.exists()), None)
         if f is None:
             print(f"skipped {p}: no metrics.json (evaluate it first: python evaluate.py --run RUN)", file=sys.stderr)
             continue
+        if f.resolve() in seen:
+            continue
+        seen.add(f.resolve())
         m = json.loads(f.read_text())
-        init = "scratch" if m.get("pretrained") in (None, "none") else "pretrained"
-        runs.append(((m.get("dataset") or "dataset", m.get("arch", "?"), init), m))
+        scratch = m.get("pretrained") in (None, "none")
+        key = (m.get("dataset") or "dataset", m.get("metric_set") or "challenge", m.get("arch", "?"),
+               "scratch" if scratch else "pretrained", "" if scratch else str(m["pretrained"]), str(m.get("recipe") or ""),
+               str(m.get("n_train") or ""))
+        runs.append((key, m))
     if not runs:
         raise ValueError("no finished evaluation among the folders given")
     groups = {}
     for key, m in runs:
         groups.setdefault(key, []).append(m)
     lines, rows = [], []
-    for ds in sorted({k[0] for k in groups}):
-        keys = sorted(k for k in groups if k[0] == ds)
+    for ds, mset in sorted({k[:2] for k in groups}):
+        keys = sorted(k for k in groups if k[:2] == (ds, mset))
         regions = list(dict.fromkeys(r for k in keys for m in groups[k] for r in m["summary"]))
-        lines += [f"### {ds} (Dice, mean +- std over runs)", "", "| arch | init | runs | " + " | ".join(regions) + " |",
-                  "|---|---|---|" + "---|" * len(regions)]
+        lines += [f"### {ds}, {mset} metrics (Dice, mean +- std over runs)", "",
+                  "| arch | init | from | recipe | n-train | runs | " + " | ".join(regions) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(regions)]
         for k in keys:
             cells = []
             for r in regions:
@@ -394,8 +491,9 @@ def report(paths, out):
                                  if r in m["summary"] and m["summary"][r]["dice"]["mean"] is not None], float)
                 mean, std = (float(vals.mean()), float(vals.std())) if len(vals) else (float("nan"), float("nan"))
                 cells.append(f"{mean:.4f} +- {std:.4f}")
-                rows.append([ds, k[1], k[2], len(groups[k]), r, mean, std])
-            lines.append(f"| {k[1]} | {k[2]} | {len(groups[k])} | " + " | ".join(cells) + " |")
+                rows.append([ds, mset, k[2], k[3], k[4], k[5], k[6], len(groups[k]), r, mean, std])
+            lines.append(f"| {k[2]} | {k[3]} | {k[4] or '-'} | {k[5] or '-'} | {k[6] or '-'} | {len(groups[k])} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     preprocess.write_atomic(out / "report.md", lambda p: p.write_text("\n".join(lines)))
@@ -403,7 +501,8 @@ def report(paths, out):
     def write_csv(p):
         with open(p, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["dataset", "arch", "init", "runs", "region", "dice_mean", "dice_std"])
+            w.writerow(["dataset", "metric_set", "arch", "init", "from", "recipe", "n_train", "runs", "region", "dice_mean",
+                        "dice_std"])
             w.writerows(rows)
     preprocess.write_atomic(out / "report.csv", write_csv)
     try:  # a picture when matplotlib is around; never a dependency
@@ -411,8 +510,8 @@ def report(paths, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(1 + 1.2 * len(rows), 3.5))
-        ax.bar(range(len(rows)), [r[5] for r in rows], yerr=[r[6] for r in rows], capsize=3)
-        ax.set_xticks(range(len(rows)), [f"{r[1]} {r[2]}\n{r[4]}" for r in rows], rotation=45, ha="right", fontsize=7)
+        ax.bar(range(len(rows)), [r[9] for r in rows], yerr=[r[10] for r in rows], capsize=3)
+        ax.set_xticks(range(len(rows)), [f"{r[2]} {r[3]}\n{r[8]}" for r in rows], rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("Dice")
         fig.tight_layout()
         fig.savefig(out / "report.png", dpi=120)
@@ -440,8 +539,13 @@ def main(argv=None):
         _, autocast = autocast_for(device, a.dtype)
         ds = json.loads(Path(a.data, "dataset.json").read_text()) if not a.images and Path(a.data, "dataset.json").exists() else {}
         names = ds.get("label_names") or info.get("label_names") or {}
-        regions = ds.get("evaluation_regions") or {names.get(str(v), str(v)): [v] for v in info["label_values"] if v != 0}
-        rules = ds.get("metric_rules", "default")
+        if a.metrics == "authors":  # the keys are the label values and "all", as the authors' results.json
+            regions = {str(v): [v] for v in info["label_values"]} | {"all": [v for v in info["label_values"] if v != 0]}
+            rules, rule_text = "authors", AUTHORS_RULES
+        else:
+            regions = ds.get("evaluation_regions") or {names.get(str(v), str(v)): [v] for v in info["label_values"] if v}
+            rules = ds.get("metric_rules", "default")
+            rule_text = RULES[rules]
         if a.images:
             cases, bad = raw_cases(a.images, info["in_channels"])
         else:
@@ -464,7 +568,7 @@ def main(argv=None):
     for case, files in tqdm(cases, desc="inference", unit="case", disable=a.quiet):
         try:
             if files is not None:  # --images: preprocess on the fly
-                image, meta = preprocess_raw(files)
+                image, meta = preprocess_raw(files, info.get("transpose"))
             else:
                 meta = json.loads(Path(a.data, "meta", f"{case}.json").read_text())
                 meta["source_files"] = [str(raw_file(f, meta, a.raw_root)) for f in meta["source_files"]]
@@ -480,7 +584,11 @@ def main(argv=None):
                 ref = np.rint(ref[..., 0] if ref.ndim == 4 else ref).astype(np.int64)
                 for old, new in (meta.get("label_map") or {}).items():  # as preprocessing mapped it (BraTS 4 -> 3)
                     ref[ref == int(old)] = new
-                m = case_metrics(native, ref, meta["original_spacing"], regions, ds.get("ignore_label"), rules)
+                if a.metrics == "authors":
+                    m = authors_case_metrics(native, ref, info["label_values"])
+                else:
+                    m = case_metrics(native, ref, meta["original_spacing"], regions,
+                                     ds.get("evaluation_ignore", ds.get("ignore_label")), rules)
                 rows.append({"case": case, "metrics": m})
         except (preprocess.CaseError, OSError, ValueError) as e:
             failed.append({"case": case, "reason": str(e)})
@@ -488,20 +596,22 @@ def main(argv=None):
     result = {"run": str(run), "checkpoint": str(path), "split": None if a.images else a.split, "cases": rows, "failed": failed,
               "settings": {"overlap": a.overlap, "blend": a.blend, "tta": a.tta}, "dataset": ds.get("name"),
               "arch": info["arch"], "pretrained": info.get("pretrained"), "seed": info.get("seed"),
-              "regions": regions, "rules": rules, "rule_text": RULES[rules]}
+              "n_train": info.get("n_train"), "recipe": info.get("recipe"), "data": str(Path(a.data).resolve()),
+              "metric_set": a.metrics, "regions": regions, "label_names": names, "rules": rules, "rule_text": rule_text}
     if rows:
-        result["summary"] = summarise(rows, list(regions))
+        result["summary"] = authors_summary(rows, list(regions)) if a.metrics == "authors" else summarise(rows, list(regions))
         preprocess.save_json(a.out / "metrics.json", result)
+        cols = list(AUTHORS_METRICS) if a.metrics == "authors" else [*METRICS, "ref_ml", "pred_ml"]
 
         def write_csv(p):
             with open(p, "w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["case", "region", *METRICS, "ref_ml", "pred_ml"])
+                w.writerow(["case", "label" if a.metrics == "authors" else "region", *cols])
                 for r in rows:
                     for v, m in r["metrics"].items():
-                        w.writerow([r["case"], v, *[m.get(k, "") for k in METRICS], m["ref_ml"], m["pred_ml"]])
+                        w.writerow([r["case"], v, *[m.get(k, "") for k in cols]])
         preprocess.write_atomic(a.out / "metrics.csv", write_csv)
-        print_table(result["summary"], RULES[rules])
+        print_table(result["summary"], rule_text, names if a.metrics == "authors" else {})
         print(f"\n{a.out / 'metrics.json'}, {a.out / 'metrics.csv'}, predictions in {a.out / 'predictions'}")
     else:
         preprocess.save_json(a.out / "failed.json", failed)

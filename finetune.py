@@ -259,7 +259,9 @@ def train(a):
     facts = {"arch": a.arch, "in_channels": in_ch, "label_values": values, "labels": ds_json.get("labels"),
              "label_names": ds_json.get("label_names"), "training_regions": regions,
              "regions_class_order": ds_json.get("regions_class_order"), "ignore_label": ignore, "n_outputs": n_out,
-             "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge, "pretrained": a.pretrained, "seed": a.seed}
+             "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge, "pretrained": a.pretrained, "seed": a.seed,
+             "n_train": a.n_train, "recipe": getattr(a, "recipe", None), "dataset": ds_json.get("name"),
+             "transpose": ds_json.get("transpose")}  # the axis order of the data: evaluate.py --images applies it
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
         save_json(out / "cases.json", {"n_train": a.n_train, "seed": a.seed, "train": chosen, "val": val_cases,

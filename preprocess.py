@@ -31,6 +31,7 @@ Exit status: 0 when every input was used, 1 when any case failed, 2 for bad flag
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
 import re
 import sys
@@ -44,6 +45,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 MIN_SIDE = 15  # volumes with a shorter side are rejected (BRAINS-45K recipe)
+RECIPE = 2  # bumped when the recipe's output changes (2: Yucca's crop end, the planned transpose): older cases are redone
 
 
 class CaseError(Exception):
@@ -218,13 +220,16 @@ def normalise(x):
                                                "z_max": (hi - mean) / std}
 
 
-def preprocess_arrays(channels, affine, label=None):
+def preprocess_arrays(channels, affine, label=None, transpose=None):
     """The authors' order (Yucca 1.1.7, functional/preprocessing.py): reorient to
-    RAS, crop to the bounding box of channel 0's voxels > 0, normalise each channel
-    (normalise), resize to 1 mm (cubic, anti-aliased, resize; labels nearest) with
-    the size rounded. channels: list of (X, Y, Z) arrays on one grid with `affine`;
-    label likewise or None. Returns (image (C, x, y, z) float32 in [0, 1], label
-    (x, y, z) uint8 or None, meta: what to_native needs to map back exactly)."""
+    RAS, crop to the bounding box of channel 0's voxels > 0 (plus one voxel at the
+    upper end of each axis, as Yucca's get_bbox_for_foreground + crop_to_box),
+    transpose the axes if the dataset's plan says so
+    (determine_transpose), normalise each channel (normalise), resize to 1 mm (cubic,
+    anti-aliased, resize; labels nearest) with the size rounded. channels: list of
+    (X, Y, Z) arrays on one grid with `affine`; label likewise or None. Returns (image
+    (C, x, y, z) float32 in [0, 1], label (x, y, z) uint8 or None, meta: what
+    to_native needs to map back exactly)."""
     native_ornt = nib.io_orientation(affine)
     ornt = nib.orientations.ornt_transform(native_ornt, nib.orientations.axcodes2ornt("RAS"))  # permutation + flips
     ras = [nib.orientations.apply_orientation(c, ornt) for c in channels]
@@ -237,10 +242,16 @@ def preprocess_arrays(channels, affine, label=None):
         if len(hit) == 0:
             raise CaseError("channel 0 has no voxel above 0, so there is nothing to crop to "
                             "(the recipe crops to the bounding box of the voxels > 0)")
-        box.append([int(hit[0]), int(hit[-1]) + 1])
+        # Yucca's get_bbox_for_foreground ends the box at max + 1 and crop_to_box slices to end + 1:
+        # the crop keeps one voxel past the foreground on every axis (where the volume has one)
+        box.append([int(hit[0]), min(int(hit[-1]) + 2, above.shape[d])])
     crop = tuple(slice(a, b) for a, b in box)
     cropped = [r[crop] for r in ras]
-    target = [max(1, int(round(n * s))) for n, s in zip(cropped[0].shape, spacing)]  # 1 mm
+    # Yucca's planner may move a thick-slice axis first (determine_transpose); after the crop, before the resize
+    transpose = list(transpose or (0, 1, 2))
+    cropped = [np.transpose(c, transpose) for c in cropped]
+    spacing_t = [float(spacing[t]) for t in transpose]
+    target = [max(1, int(round(n * s))) for n, s in zip(cropped[0].shape, spacing_t)]  # 1 mm
     image, stats = [], []
     for c in cropped:
         if c.min() == c.max():
@@ -250,10 +261,11 @@ def preprocess_arrays(channels, affine, label=None):
         stats.append(st)
     lab = None
     if label is not None:
-        lab = resize(nib.orientations.apply_orientation(label, ornt)[crop], target, order=0).round().astype(np.uint8)
+        lab = np.transpose(nib.orientations.apply_orientation(label, ornt)[crop], transpose)
+        lab = resize(lab, target, order=0).round().astype(np.uint8)
     meta = {"native_ornt": native_ornt.tolist(), "ras_shape": [int(s) for s in ras[0].shape], "ras_affine": ras_affine.tolist(),
-            "spacing": [float(s) for s in spacing], "crop_box": box, "shape": [len(image), *target],
-            "resampled_spacing": [n * s / t for n, s, t in zip(cropped[0].shape, spacing, target)], "intensity": stats}
+            "spacing": [float(s) for s in spacing], "crop_box": box, "transpose": transpose, "shape": [len(image), *target],
+            "resampled_spacing": [n * s / t for n, s, t in zip(cropped[0].shape, spacing_t, target)], "intensity": stats}
     return np.stack(image), lab, meta
 
 
@@ -267,6 +279,7 @@ def to_native(arr, meta):
     """A label map on the preprocessed grid (x, y, z) -> the original image's grid:
     nearest resize back to the cropped box, background outside it, reorientation
     undone. Exact wherever the 1 mm grid holds the original voxel centres."""
+    arr = np.transpose(arr, np.argsort(meta.get("transpose") or (0, 1, 2)))  # the plan's axis order undone
     full = np.zeros(meta["ras_shape"], dtype=arr.dtype)
     box = meta["crop_box"]
     full[tuple(slice(a, b) for a, b in box)] = resize(arr, [b - a for a, b in box], order=0).astype(arr.dtype)
@@ -284,6 +297,8 @@ def native_argmax(logits, meta, chunk=8, regions=False):
     the other two), never holding the full-resolution logits. Returns uint8 (X, Y, Z)."""
     box = meta["crop_box"]
     size = [b - a for a, b in box]
+    back = np.argsort(meta.get("transpose") or (0, 1, 2))  # the plan's axis order undone (a view, no copy)
+    logits = logits.permute(0, *[int(b) + 1 for b in back])
     if logits.shape[0] > (8 if regions else 255):
         raise ValueError("native_argmax writes uint8: at most 255 classes or 8 regions")
     bits = 2 ** torch.arange(logits.shape[0], device=logits.device).view(1, -1, 1, 1)
@@ -342,7 +357,8 @@ def label_semantics(ds):
         for v in vals:
             names.setdefault(v, f"label {v}")
     ev = ds.get("evaluation") or {}
-    return {"label_names": {str(v): n for v, n in sorted(names.items())}, "ignore_label": ev.get("ignore", ignore),
+    return {"label_names": {str(v): n for v, n in sorted(names.items())}, "ignore_label": ignore,
+            "evaluation_ignore": ev.get("ignore", ignore),
             "training_regions": regions or None, "regions_class_order": ds.get("regions_class_order"),
             "evaluation_regions": ev.get("regions") or regions or {n: [v] for v, n in sorted(names.items()) if v != 0},
             "metric_rules": ev.get("rules", "default")}
@@ -356,13 +372,44 @@ def _one(root, pattern):
     return found[0] if found else None
 
 
+def sklearn_test_names(names, random_state, test_size=0.25):
+    """The test part of scikit-learn's train_test_split(names, random_state=random_state)
+    (test_size 0.25, shuffled), with numpy alone: ShuffleSplit takes ceil(0.25 n) test
+    items, the first ones of np.random.RandomState(random_state).permutation(n)."""
+    perm = np.random.RandomState(random_state).permutation(len(names))
+    return [names[i] for i in perm[:math.ceil(test_size * len(names))]]
+
+
+# The authors' test splits (Yucca's task conversions Task012_BraTS21 and Task005_ISLES22):
+# train_test_split over the sorted subject folder names, and how many subjects their download had
+AUTHORS_SPLITS = {"brats21": (4215532, 1251), "isles22": (859032, 250)}
+
+
+def authors_split(fmt, cases, failed, names):
+    """Put the authors' test cases of `fmt` in the test split; `names` are every subject
+    folder of the download (failed ones too: the authors split the folder list)."""
+    seed, expected = AUTHORS_SPLITS[fmt]
+    names = sorted(set(names))  # batchgenerators' subdirs(join=False) sorts the names
+    test = set(sklearn_test_names(names, seed))
+    for c in cases:
+        c["split"] = "test" if c["case"] in test else "train"
+    if len(names) != expected:
+        print(f"preprocess.py: warning: {len(names)} {fmt} subject folders, the authors' download has {expected}: the "
+              f"test split is the authors' rule (train_test_split, random_state {seed}) over these, so it holds other "
+              f"cases than theirs", file=sys.stderr)
+    return {"method": "authors", "rule": f"scikit-learn train_test_split(sorted subject folders, test_size=0.25, "
+            f"random_state={seed})", "random_state": seed, "subjects": len(names)}
+
+
 def find_brats21(root):
     """BraTS 2021 (RSNA-ASNR-MICCAI): BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz.
     Channels flair, t1, t1ce, t2 and labels 0, 1 NCR, 2 ED, 4 ET -> 3 ET, as the authors'
-    Yucca Task012_BraTS21; evaluated as the regions whole tumour (1, 2, 3), tumour core
-    (1, 3) and enhancing tumour (3) with the BraTS rules."""
+    Yucca Task012_BraTS21, with its test split (authors_split). The challenge's regions
+    whole tumour (1, 2, 3), tumour core (1, 3) and enhancing tumour (3) with the BraTS
+    rules are evaluate.py --metrics challenge."""
     cases, failed = [], []
-    for d in sorted(p.parent for p in root.rglob("*_flair.nii*")):
+    subjects = sorted({p.parent for m in ("flair", "t1", "t1ce", "t2", "seg") for p in root.rglob(f"*_{m}.nii*")})
+    for d in subjects:
         name = d.name
         files = [_one(d, f"{name}_{m}.nii*") for m in ("flair", "t1", "t1ce", "t2")]
         label = _one(d, f"{name}_seg.nii*")
@@ -370,11 +417,16 @@ def find_brats21(root):
             failed.append({"case": name, "files": [str(f) for f in files if f], "reason": "missing modality: "
                            + ", ".join(m for m, f in zip(("flair", "t1", "t1ce", "t2"), files) if f is None)})
             continue
-        cases.append({"case": name, "split": "train" if label else "test", "files": [str(f) for f in files],
+        cases.append({"case": name, "split": "train", "files": [str(f) for f in files],
                       "label": str(label) if label else None, "label_map": {4: 3}})
     meta = {"name": "BraTS2021", "channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"},
             "labels": {"background": 0, "necrotic tumour core": 1, "peritumoral edema": 2, "enhancing tumour": 3},
-            "evaluation": {"regions": {"whole tumour": [1, 2, 3], "tumour core": [1, 3], "enhancing tumour": [3]}, "rules": "brats"}}
+            "evaluation": {"regions": {"whole tumour": [1, 2, 3], "tumour core": [1, 3], "enhancing tumour": [3]}, "rules": "brats"},
+            "test_split": authors_split("brats21", cases, failed, [d.name for d in subjects])}
+    for c in cases:
+        if c["split"] == "train" and not c["label"]:  # a subject without a segmentation cannot be trained on
+            failed.append({"case": c["case"], "files": c["files"], "reason": f"no {c['case']}_seg.nii.gz"})
+    cases = [c for c in cases if c["label"] or c["split"] == "test"]
     return cases, failed, meta
 
 
@@ -383,9 +435,12 @@ def find_isles22(root):
     masks derivatives/sub-*/ses-0001/*_msk.nii.gz on the DWI grid (the first release put
     these under rawdata/ and derivatives/). Channels FLAIR, DWI, ADC, each resampled onto
     the mask's grid with cubic splines, as the authors' Yucca Task005_ISLES22 (the FLAIR
-    has its own spacing and orientation); label 1 = infarct; ISLES rules."""
+    has its own spacing and orientation), with its test split (authors_split over the
+    subjects that have a mask); label 1 = infarct. The ISLES rules are evaluate.py
+    --metrics challenge."""
     cases, failed = [], []
-    for msk in sorted(root.rglob("*_msk.nii*")):
+    masks = sorted(root.rglob("*_msk.nii*"))
+    for msk in masks:
         sub = msk.name.split("_")[0]
         found = {m: _one(root, f"**/{sub}/**/{sub}*_{m}.nii*") for m in ("FLAIR", "dwi", "adc")}
         files = [found["FLAIR"], found["dwi"], found["adc"]]
@@ -394,29 +449,37 @@ def find_isles22(root):
             continue
         cases.append({"case": sub, "split": "train", "files": [str(f) for f in files], "label": str(msk), "onto_label": True})
     meta = {"name": "ISLES2022", "channel_names": {"0": "FLAIR", "1": "DWI", "2": "ADC"},
-            "labels": {"background": 0, "infarct": 1}, "evaluation": {"regions": {"infarct": [1]}, "rules": "isles"}}
+            "labels": {"background": 0, "infarct": 1}, "evaluation": {"regions": {"infarct": [1]}, "rules": "isles"},
+            "test_split": authors_split("isles22", cases, failed, [m.name.split("_")[0] for m in masks])}
     return cases, failed, meta
 
 
-def find_wmh(root):
+def find_wmh(root, with_t1=False, label2_ignore=False):
     """WMH Segmentation Challenge 2017: <id>/pre/{FLAIR,T1}.nii.gz and <id>/wmh.nii.gz
     (at any depth: sites Utrecht, Singapore, Amsterdam/GE3T...; cases under a folder named
-    test/Test go to the test split). Channels FLAIR, T1 (the authors' Task008_WMH); labels
-    1 = WMH and 2 = other pathology, which is the ignore label: it contributes nothing to
-    the loss, and the official evaluation masks it out (scores label 1 only)."""
+    test/Test go to the test split, as the authors' conversions take the challenge's Train
+    and Test folders). By default the authors' default task, Yucca's Task006_WMH_Flair:
+    FLAIR only (so a 1-channel pretrained stem transfers) and labels 0, 1 WMH, 2 other
+    pathology, label 2 a class trained and scored like the others.
+    with_t1: FLAIR + T1 (their Task008_WMH). label2_ignore: label 2 is the ignore label
+    (nothing in the loss) and --metrics challenge scores as the WMH challenge (label 2
+    masked out of the prediction, label 1 scored)."""
     cases, failed = [], []
+    want = ("FLAIR", "T1") if with_t1 else ("FLAIR",)
     for lab in sorted(root.rglob("wmh.nii*")):
         d = lab.parent.parent if lab.parent.name == "pre" else lab.parent
-        files = [_one(d / "pre", "FLAIR.nii*"), _one(d / "pre", "T1.nii*")]
+        files = [_one(d / "pre", f"{m}.nii*") for m in want]
         name = "_".join(p for p in d.relative_to(root).parts)
         if None in files:
-            failed.append({"case": name, "files": [str(lab)], "reason": "missing pre/FLAIR.nii.gz or pre/T1.nii.gz"})
+            failed.append({"case": name, "files": [str(lab)], "reason": "missing " + " or ".join(f"pre/{m}.nii.gz" for m in want)})
             continue
         test = any(p.lower() == "test" for p in d.relative_to(root).parts)
         cases.append({"case": name, "split": "test" if test else "train", "files": [str(f) for f in files], "label": str(lab)})
-    meta = {"name": "WMH2017", "channel_names": {"0": "FLAIR", "1": "T1"},
-            "labels": {"background": 0, "white matter hyperintensities": 1, "ignore": 2},
-            "evaluation": {"regions": {"white matter hyperintensities": [1]}, "ignore": 2, "rules": "wmh"}}
+    meta = {"name": "WMH2017", "channel_names": {str(i): m for i, m in enumerate(want)},
+            "test_split": {"method": "challenge", "rule": "the challenge's own Train / Test folders"}}
+    meta["labels"] = {"background": 0, "white matter hyperintensities": 1, ("ignore" if label2_ignore else "other pathology"): 2}
+    # the challenge's scoring, whichever way label 2 was trained: label 2 masked out, label 1 scored
+    meta["evaluation"] = {"regions": {"white matter hyperintensities": [1]}, "ignore": 2, "rules": "wmh"}
     return cases, failed, meta
 
 
@@ -439,7 +502,8 @@ def find_msseg(root):
         cases.append({"case": name, "split": "test" if test and label else "train", "files": [str(f) for f in files],
                       "label": str(label) if label else None})
     meta = {"name": "MSSEG2016", "channel_names": {str(i): m for i, m in enumerate(mods)},
-            "labels": {"background": 0, "lesion": 1}, "evaluation": {"regions": {"lesion": [1]}, "rules": "default"}}
+            "labels": {"background": 0, "lesion": 1}, "evaluation": {"regions": {"lesion": [1]}, "rules": "default"},
+            "test_split": {"method": "challenge", "rule": "the challenge's own Training / Testing folders"}}
     return cases, failed, meta
 
 
@@ -513,7 +577,8 @@ def done_meta(out, c):
     (np.load reads only the header)."""
     try:
         meta = json.loads((out / "meta" / f"{c['case']}.json").read_text())
-        ok = (meta["fingerprint"] == fingerprint(c)
+        ok = (meta["fingerprint"] == fingerprint(c) and meta.get("recipe") == RECIPE
+              and meta.get("transpose", [0, 1, 2]) == c.get("transpose", [0, 1, 2])
               and tuple(np.load(out / "images" / f"{c['case']}.npy", mmap_mode="r").shape) == tuple(meta["shape"])
               and (not c["label"] or tuple(np.load(out / "labels" / f"{c['case']}.npy", mmap_mode="r").shape)
                    == tuple(meta["shape"][1:])))
@@ -568,12 +633,12 @@ def process_case(c, out, allowed_labels, opened=None):
         if allowed_labels is not None and set(vals) - set(allowed_labels):
             raise CaseError(f"label {c['label']} has values {sorted(set(vals) - set(allowed_labels))} "
                             f"not in dataset.json's labels {allowed_labels}")
-    image, lab, meta = preprocess_arrays(channels, affine, label)
+    image, lab, meta = preprocess_arrays(channels, affine, label, c.get("transpose"))
     save_npy(out / "images" / f"{name}.npy", image.astype(np.float16))
     if lab is not None:
         save_npy(out / "labels" / f"{name}.npy", lab)
     grid = c["label"] if c.get("onto_label") and c["label"] else c["files"][0]  # whose voxel grid the case is on
-    meta.update({"case": name, "split": c["split"], "source_root": c["root"], "source_files": c["files"], "source_label": c["label"],
+    meta.update({"case": name, "split": c["split"], "recipe": RECIPE, "source_root": c["root"], "source_files": c["files"], "source_label": c["label"],
                  "grid_file": grid, "label_map": {str(k): v for k, v in c.get("label_map", {}).items()},
                  "volume": c.get("volume"), "original_affine": np.asarray(affine).tolist(),
                  "original_shape": list(channels[0].shape),
@@ -615,7 +680,8 @@ def init_worker():
 # The run
 
 def assign_test_split(cases, fraction, seed):
-    """Without imagesTs: a seeded `fraction` of the training cases becomes the test split."""
+    """Without imagesTs, for a dataset the authors never split: a seeded `fraction` of
+    the training cases becomes the test split (the kit's own rule)."""
     if any(c["split"] == "test" for c in cases) or not any(c["label"] for c in cases):
         return None
     names = sorted(c["case"] for c in cases)
@@ -623,23 +689,81 @@ def assign_test_split(cases, fraction, seed):
     test = set(rng.choice(names, size=int(round(fraction * len(names))), replace=False).tolist())
     for c in cases:
         c["split"] = "test" if c["case"] in test else "train"
-    return {"seed": seed, "fraction": fraction}
+    return {"method": "kit", "rule": f"a seeded {fraction:g} of the cases (numpy default_rng({seed}))", "seed": seed,
+            "fraction": fraction}
 
 
-def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=False, fmt=None):
-    """Preprocess `inp` into `out` (fmt: one of CONVERTERS for a download layout);
+def header_geometry(c):
+    """[(shape, spacing)] of a case's channel files from their headers (the label's grid
+    for channels resampled onto it), as Yucca's dataset properties list every image. A
+    header that cannot be read adds nothing (the case fails on its own later)."""
+    files = [c["label"]] * len(c["files"]) if c.get("onto_label") and c["label"] else c["files"]
+    out = []
+    for f in files:
+        try:
+            h = nib.load(f).header
+        except Exception:
+            continue
+        if len(h.get_data_shape()) >= 3:  # a 2D file fails on its own later
+            out.append((h.get_data_shape()[:3], h.get_zooms()[:3]))
+    return out
+
+
+def plan_transpose(geometry):
+    """Yucca's determine_transpose (YuccaPlanner, inherited by YuccaPlanner_1_1_1 and the
+    unsupervised planners): from the median size and spacing of the training images
+    (raw header shapes, before reorientation), when the shortest median axis is under
+    half the next one and its spacing over twice the next one's (thick slices), the
+    axes are sorted by median size, so the thick-slice axis comes first; else none.
+    The order is applied to the RAS arrays after the crop, as Yucca does."""
+    if not geometry:
+        return [0, 1, 2]
+    size = np.median(np.array([g[0] for g in geometry], float), 0)
+    key = size.argsort()
+    spacing = np.median(np.array([g[1] for g in geometry], float), 0)[key]
+    if size[key][0] < size[key][1] / 2 and spacing[0] > spacing[1] * 2:
+        return [int(k) for k in key]
+    return [0, 1, 2]
+
+
+def as_pretraining(cases, channel_names):
+    """A challenge download as unlabelled pretraining volumes, as BRAINS-45K holds them
+    (each channel its own single-channel volume), with the test split left out so
+    that pretraining never sees a downstream test case. Returns (cases, left out)."""
+    left_out = sorted(c["case"] for c in cases if c["split"] == "test")
+    vols = [{"case": f"{c['case']}_{channel_names[str(i)]}", "split": "train", "files": [f], "label": None}
+            for c in cases if c["split"] == "train" for i, f in enumerate(c["files"])]
+    return vols, left_out
+
+
+def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=False, fmt=None, transpose="auto",
+        pretraining=False, wmh_t1=False, wmh_label2_ignore=False):
+    """Preprocess `inp` into `out` (fmt: one of CONVERTERS for a download layout;
+    pretraining: its training cases as unlabelled volumes, test cases left out);
     returns (n_done, n_skipped, failures)."""
     t0 = time.time()
     inp = Path(inp).resolve()  # sources are recorded absolute, so outputs work from any folder
     labelled = fmt is not None or (inp / "imagesTr").is_dir()
+    left_out = None
     if labelled:
-        cases, failed, ds_meta = CONVERTERS[fmt](inp) if fmt else find_labelled(inp)
-        split_info = assign_test_split(cases, test_fraction, seed)
+        if fmt == "wmh":
+            cases, failed, ds_meta = find_wmh(inp, wmh_t1, wmh_label2_ignore)
+        else:
+            cases, failed, ds_meta = CONVERTERS[fmt](inp) if fmt else find_labelled(inp)
+        split_info = ds_meta.get("test_split") or assign_test_split(cases, test_fraction, seed)
+        if pretraining:
+            cases, left_out = as_pretraining(cases, ds_meta.get("channel_names") or {})
+            labelled, ds_meta = False, {"name": f"{ds_meta.get('name', inp.name)}-pretraining"}
     else:
         (cases, failed), ds_meta, split_info = find_unlabelled(inp), {}, None
     allowed = label_values(ds_meta)
+    plan = plan_transpose([g for c in cases if c["split"] == "train" for g in header_geometry(c)]) \
+        if transpose == "auto" else [0, 1, 2]
+    if plan != [0, 1, 2] and not quiet:
+        print(f"preprocess: thick slices (Yucca's determine_transpose): axes stored in the order {plan} "
+              f"(--transpose none keeps RAS order)")
     for c in cases:
-        c["root"] = str(inp)
+        c["root"], c["transpose"] = str(inp), plan
     for d in ("images", "labels", "meta") if labelled else ("images", "meta"):
         (out / d).mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*/.*.tmp"):  # what a killed run left behind
@@ -674,7 +798,8 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     summary = {"name": ds_meta.get("name", inp.name), "source": str(inp), "labelled": labelled, "format": fmt or "nnunet",
                "channels": channels, "n_channels": len(channels) if labelled else 1,
                "labels": ds_meta.get("labels"), "label_values": allowed, **(label_semantics(ds_meta) if labelled else {}),
-               "test_split": split_info,
+               "test_split": split_info, "transpose": plan,
+               **({"pretraining_from": fmt, "left_out_test_cases": left_out} if left_out is not None else {}),
                "counts": {"train": sum(e["split"] == "train" for e in entries),
                           "test": sum(e["split"] == "test" for e in entries), "failed": len(failed)},
                "cases": entries}
@@ -776,15 +901,28 @@ def get_args(argv=None):
     p.add_argument("--input", type=Path, help="raw folder: nnU-Net dataset (imagesTr/...) or any folder of NIfTI files")
     p.add_argument("--output", type=Path, help="where images/, labels/, meta/, dataset.json, failed.json go")
     p.add_argument("--format", choices=list(CONVERTERS), help="--input is a download of BraTS 2021, ISLES 2022, WMH 2017 or "
-                   "MSSEG-2016 in its own layout: converted (channels in a stated order, labels mapped, ISLES channels on one "
-                   "grid, WMH label 2 ignored) and preprocessed in one run")
+                   "MSSEG-2016 in its own layout: converted as the authors' Yucca task conversions (channels in their "
+                   "order, BraTS 4 -> 3, ISLES channels on the mask's grid, WMH FLAIR only with label 2 a class; the "
+                   "authors' test cases: their train_test_split for BraTS/ISLES, the challenge's test folders for "
+                   "WMH/MSSEG) and preprocessed in one run")
+    p.add_argument("--wmh-with-t1", action="store_true", help="--format wmh: FLAIR + T1 (the authors' Task008_WMH) "
+                   "instead of FLAIR only (their default task, Task006_WMH_Flair)")
+    p.add_argument("--wmh-label2-ignore", action="store_true", help="--format wmh: label 2 (other pathology) as the "
+                   "ignore label, left out of the loss, as the WMH challenge scores it (default: a class, as the authors)")
+    p.add_argument("--pretraining", action="store_true", help="with --format: write the download's TRAINING cases as "
+                   "unlabelled pretraining volumes (each channel its own volume, as in BRAINS-45K) and leave its test "
+                   "cases out, so pretraining never sees a downstream test case")
+    p.add_argument("--transpose", default="auto", choices=("auto", "none"), help="auto (default, the authors' Yucca "
+                   "planner): when the training images are mostly thick-slice (median), store the thick axis first; "
+                   "none: always RAS axis order")
     p.add_argument("--demo", type=Path, metavar="DIR", help="write the synthetic demo dataset to DIR/raw and preprocess it to DIR/preprocessed")
     p.add_argument("--demo-cases", type=int, default=32, help="number of demo cases (default 32)")
     p.add_argument("--demo-shape", type=int, nargs=3, default=[72, 84, 72], metavar=("X", "Y", "Z"),
                    help="demo head size in 1 mm voxels (default 72 84 72; e.g. 160 192 160 for real-size benchmarks)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="redo every case, also those already done")
-    p.add_argument("--test-fraction", type=float, default=0.25, help="test share when the dataset has no imagesTs (default 0.25)")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="test share when a dataset the authors never split "
+                   "has no imagesTs (default 0.25; the kit's own seeded split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test split and of the demo phantoms (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     a = p.parse_args(argv)
@@ -801,6 +939,10 @@ def get_args(argv=None):
             p.error(f"--output {a.output} is inside --input {a.input}; choose a folder outside the raw data")
     if a.workers < 1:
         p.error("--workers must be >= 1")
+    if a.pretraining and not a.format:
+        p.error("--pretraining converts a challenge download: give its --format too")
+    if (a.wmh_with_t1 or a.wmh_label2_ignore) and a.format != "wmh":
+        p.error("--wmh-with-t1 / --wmh-label2-ignore are options of --format wmh")
     if not 0 <= a.test_fraction < 1:
         p.error("--test-fraction must be in [0, 1)")
     if a.demo_cases < 4:
@@ -814,7 +956,8 @@ def main(argv=None):
     a = get_args(argv)
     if a.demo is not None and not (a.input / "dataset.json").exists():
         make_demo(a.input, a.demo_cases, a.seed, a.quiet, a.demo_shape)
-    _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet, a.format)
+    _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet, a.format, a.transpose,
+                       a.pretraining, a.wmh_with_t1, a.wmh_label2_ignore)
     return 1 if failed else 0
 
 

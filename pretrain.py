@@ -110,6 +110,9 @@ def get_args(argv=None):
                    "the authors') or linear (ours: faster, blurrier; leaves the paper's recipe)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of volumes held out for validation (default 0.01; at least 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, masks, split and initialisation (default 0)")
+    p.add_argument("--test-sets", nargs="+", default=[], metavar="DATA", help="labelled preprocessed datasets you will "
+                   "evaluate on: a warning names any pretraining volume that is one of their test cases (same raw file "
+                   "name and size); build such data with preprocess.py --format FMT --pretraining to leave them out")
     add_run_flags(p)
     a = p.parse_args(argv)
     given = {k for k, v in vars(a).items() if v is not None and v != p.get_default(k)}
@@ -231,6 +234,9 @@ def train(a):
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp])
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
+        for t, files in data.leaked_test_files(a.data, a.test_sets).items():
+            say(f"pretrain.py: warning: {len(files)} raw files of --data {a.data} are test cases of {t} (e.g. {files[0]}): "
+                f"rebuild the pretraining data with preprocess.py --format FMT --pretraining to leave them out")
     spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * ctx.world))
     total = a.steps or a.epochs * spe
     # warm-up in steps (tang) or in epochs (amaes); with --steps it shrinks with the run

@@ -56,11 +56,15 @@ def test_summary_uses_nanmean_and_counts():
     assert s["mean"] == pytest.approx(0.75) and s["n"] == 2 and s["nan_excluded"] == 1 and s["median"] == pytest.approx(0.75)
 
 
-def test_window_starts_cover_with_overlap():
-    for size, patch in ((100, 32), (64, 32), (33, 32), (20, 32), (128, 128)):
-        s = window_starts(size, patch, 0.5)
-        assert s[0] == 0 and s[-1] == max(0, size - patch)
-        assert all(b - a <= patch // 2 for a, b in zip(s, s[1:]))
+def test_window_starts_are_yuccas():
+    """Yucca's get_steps_for_sliding_window, written out by hand: steps of patch/2 from 0
+    while a window ends before the volume, then one flush with the end."""
+    assert window_starts(200, 128, 0.5) == [0, 64, 72]
+    assert window_starts(128, 128, 0.5) == [0]
+    assert window_starts(251, 64, 0.5) == [0, 32, 64, 96, 128, 160, 187]
+    assert window_starts(256, 128, 0.5) == [0, 64, 128]
+    assert window_starts(129, 128, 0.5) == [0, 1]
+    assert window_starts(100, 32, 0.25) == [0, 24, 48, 68]  # floor(32 * 0.75) = 24
 
 
 def test_sliding_window_equals_one_forward_when_the_window_covers_the_volume():
@@ -71,23 +75,38 @@ def test_sliding_window_equals_one_forward_when_the_window_covers_the_volume():
     with torch.no_grad():
         full = model(x[None])[0]
     assert torch.equal(sliding_window(model, x, 32), full)
-    # a smaller volume is padded with background, then cropped back
-    small = x[:, :20]
+    # a smaller volume is padded with background, centred (Yucca's pad_to_size: 12 -> 6 before, 6 after;
+    # 13 -> 6 before, 7 after), then cropped back
+    small = x[:, :20, :19]
     with torch.no_grad():
-        ref = model(torch.nn.functional.pad(small, (0, 0, 0, 0, 0, 12))[None])[0, :, :20]
+        ref = model(torch.nn.functional.pad(small, (0, 0, 6, 7, 6, 6))[None])[0, :, 6:26, 6:25]
     assert torch.equal(sliding_window(model, small, 32), ref)
 
 
 @pytest.mark.parametrize("blend, tta", [("sum", False), ("gaussian", False), ("sum", True)])
 def test_stitching_is_exact_for_a_pointwise_model(blend, tta):
-    """A 1x1x1 convolution gives the same logits wherever the window lies, so any
-    overlap, blending or mirroring must reproduce the whole-volume output."""
+    """A 1x1x1 convolution gives the same logits wherever the window lies: Gaussian
+    blending (a weighted mean) reproduces the whole-volume output; "sum" gives it times
+    the number of windows over each voxel, as Yucca's canvas += out, whose windows are
+    counted here with the step rule written out (numpy arange, as Yucca)."""
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(2, 3, 1)
     x = torch.rand(2, 45, 38, 70)
-    got = sliding_window(conv, x, (16, 16, 32), 0.5, blend, tta, batch=3)
+    patch = (16, 16, 32)
+    got = sliding_window(conv, x, patch, 0.5, blend, tta, batch=3)
+    count = torch.zeros(x.shape[1:])
+    steps = []
+    for n, p in zip(x.shape[1:], patch):
+        s = np.arange(n)[slice(0, n, int(np.floor(p * 0.5)))]
+        steps.append(np.append(s[s < n - p], n - p))
+    for i in steps[0]:
+        for j in steps[1]:
+            for k in steps[2]:
+                count[i:i + patch[0], j:j + patch[1], k:k + patch[2]] += 1
     with torch.no_grad():
-        assert torch.allclose(got, conv(x[None])[0], atol=1e-5)
+        want = conv(x[None])[0] * (count if blend == "sum" else 1)
+    assert count.min() >= 1 and count.max() > 1
+    assert torch.allclose(got, want, atol=1e-4)
 
 
 def test_predict_maps_classes_to_label_values():

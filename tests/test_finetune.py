@@ -68,14 +68,30 @@ def test_chain_predictions_in_native_space(demo, encoder, tmp_path, capsys):
     assert evaluate.main(["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet"]) == 0
     out = ft / "eval"
     m = json.loads((out / "metrics.json").read_text())
-    assert [r["case"] for r in m["cases"]] == test_cases and "lesion" in m["summary"]  # by name
-    assert (out / "metrics.csv").read_text().startswith("case,region,dice")
+    assert [r["case"] for r in m["cases"]] == test_cases and m["metric_set"] == "authors"
+    assert set(m["summary"]) == {"0", "1", "all"} and (out / "metrics.csv").read_text().startswith("case,label,dice")
+    per_case = {}
     for case in test_cases:
         raw = nib.load(demo / "raw" / "imagesTr" / f"{case}_0000.nii.gz")
         pred = nib.load(out / "predictions" / f"{case}.nii.gz")
         assert pred.shape == raw.shape and np.allclose(pred.affine, raw.affine)
         assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(raw.affine)
         assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1}
+        # the authors' evaluator (amaes src/evaluator.py process_case) on the files, with sklearn as theirs
+        from sklearn.metrics import confusion_matrix
+        gt = nib.load(demo / "raw" / "labelsTr" / f"{case}.nii.gz")
+        cm = confusion_matrix(np.around(gt.get_fdata().flatten()).astype(int),
+                              np.around(pred.get_fdata().flatten()).astype(int), labels=[0, 1])
+        tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+        with np.errstate(invalid="ignore"):
+            per_case[case] = round(2 * tp / (2 * tp + fp + fn), 4)
+    for r in m["cases"]:
+        assert r["metrics"]["1"]["dice"] == per_case[r["case"]] == r["metrics"]["all"]["dice"]
+    with np.errstate(all="ignore"):
+        assert m["summary"]["1"]["dice"]["mean"] == round(np.nanmean(list(per_case.values())), 4)
+    assert evaluate.main(["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet", "--metrics", "challenge",
+                          "--out", str(tmp_path / "challenge")]) == 0
+    assert "lesion" in json.loads((tmp_path / "challenge" / "metrics.json").read_text())["summary"]  # by name
 
     # raw scans that were never preprocessed
     new = tmp_path / "new"

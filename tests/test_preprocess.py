@@ -53,7 +53,10 @@ def test_orientation_and_spacing(codes, spacing):
     assert np.allclose(ras, ref.affine) and list(ref.shape) == meta["ras_shape"]
     box = meta["crop_box"]
     nz = np.argwhere(np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(data, aff)).dataobj) > 0)
-    assert box == [[int(a), int(b) + 1] for a, b in zip(nz.min(0), nz.max(0))]
+    # Yucca's box: one voxel past the last foreground voxel kept (get_bbox_for_foreground max + 1, then
+    # crop_to_box's slice end + 1), unless the volume ends there
+    assert box == [[int(a), min(int(b) + 2, n)] for a, b, n in zip(nz.min(0), nz.max(0), meta["ras_shape"])]
+    assert any(b + 2 <= n for b, n in zip(nz.max(0), meta["ras_shape"]))  # the extra voxel is inside here
     assert list(label.shape) == [round((b - a) * s) for (a, b), s in zip(box, meta["spacing"])]
 
     # the label blob sits at the same world position before and after (within a voxel)
@@ -95,7 +98,7 @@ def test_anisotropic_sub_millimetre_equals_the_authors_order():
     image, _, meta = pp.preprocess_arrays([data], aff)
     ras = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(data, aff)).dataobj).astype(np.float64)
     nz = np.argwhere(ras > 0)
-    x = ras[tuple(slice(a, b + 1) for a, b in zip(nz.min(0), nz.max(0)))]
+    x = ras[tuple(slice(a, b + 2) for a, b in zip(nz.min(0), nz.max(0)))]  # Yucca keeps one voxel past the end
     fg = x != x.min()
     x = np.minimum(x, np.quantile(x[fg], 0.99))
     x = (x - x[fg].mean()) / x[fg].std()
@@ -126,7 +129,7 @@ def test_intensity_recipe():
     assert np.allclose(x, (z - s["z_min"]) / (s["z_max"] - s["z_min"]), atol=1e-3)
     # cropped to the head's bounding box
     nz = np.argwhere(data > 0)
-    assert meta["crop_box"] == [[int(a), int(b) + 1] for a, b in zip(nz.min(0), nz.max(0))]
+    assert meta["crop_box"] == [[int(a), min(int(b) + 2, n)] for a, b, n in zip(nz.min(0), nz.max(0), meta["ras_shape"])]
 
 
 def sha(path):
@@ -238,7 +241,7 @@ def test_seeded_test_split_is_recorded(tmp_path):
     pp.run(raw, tmp_path / "a", workers=1, quiet=True, seed=5)
     pp.run(raw, tmp_path / "b", workers=1, quiet=True, seed=5)
     a, b = (json.loads((tmp_path / x / "dataset.json").read_text()) for x in "ab")
-    assert a["cases"] == b["cases"] and a["test_split"] == {"seed": 5, "fraction": 0.25}
+    assert a["cases"] == b["cases"] and a["test_split"]["seed"] == 5 and a["test_split"]["method"] == "kit"
     assert sum(c["split"] == "test" for c in a["cases"]) == 2
 
 

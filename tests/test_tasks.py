@@ -94,7 +94,9 @@ def test_isles22_channels_on_the_mask_grid(tmp_path):
     assert json.loads((out / "dataset.json").read_text())["metric_rules"] == "isles"
 
 
-def test_wmh_label_2_is_ignored_and_a_label_on_another_grid_is_named(tmp_path):
+def test_wmh_challenge_set_up_and_a_label_on_another_grid_is_named(tmp_path):
+    """--wmh-with-t1 --wmh-label2-ignore: FLAIR + T1, label 2 ignored (the default, the
+    authors' FLAIR-only task with label 2 a class, is in test_protocol.py)."""
     raw = tmp_path / "raw"
     for site, case, test in (("Utrecht", "0", False), ("Amsterdam/GE3T", "100", False), ("Singapore", "50", True)):
         d = raw / ("test" if test else "training") / site / case
@@ -103,7 +105,7 @@ def test_wmh_label_2_is_ignored_and_a_label_on_another_grid_is_named(tmp_path):
         save(d / "wmh.nii.gz", blob((1, 2)))
     save(raw / "training" / "Utrecht" / "0" / "wmh.nii.gz", blob((1, 2)), np.diag([1.0, 1.0, 3.0, 1.0]))  # another grid
     out = tmp_path / "pre"
-    done, _, failed = preprocess.run(raw, out, workers=1, quiet=True, fmt="wmh")
+    done, _, failed = preprocess.run(raw, out, workers=1, quiet=True, fmt="wmh", wmh_t1=True, wmh_label2_ignore=True)
     assert done == 2 and len(failed) == 1 and "must share the image's voxel grid" in failed[0]["reason"]
     ds = json.loads((out / "dataset.json").read_text())
     assert ds["ignore_label"] == 2 and ds["evaluation_regions"] == {"white matter hyperintensities": [1]}
@@ -187,7 +189,7 @@ def test_region_training_end_to_end(demo, tmp_path):
                           "--pretrained", "none", "--data", str(data_dir), "--out", str(out)]) == 0
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["n_outputs"] == 1 and ck["training_regions"] == {"lesion": [1]}
-    assert evaluate.main(["--run", str(out), "--data", str(data_dir), "--quiet"]) == 0
+    assert evaluate.main(["--run", str(out), "--data", str(data_dir), "--quiet", "--metrics", "challenge"]) == 0
     assert "lesion" in json.loads((out / "eval" / "metrics.json").read_text())["summary"]
 
 
@@ -212,4 +214,14 @@ def test_report_mean_and_std_by_hand(tmp_path, capsys):
     assert float(rows[("pretrained", "whole tumour")]["dice_std"]) == pytest.approx(math.sqrt(((wt - wt.mean()) ** 2).mean()))
     assert rows[("pretrained", "whole tumour")]["runs"] == "3" and float(rows[("scratch", "whole tumour")]["dice_mean"]) == 0.5
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| unet_xl | pretrained | 3 | 0.8000 +- 0.0816" in md
+    assert "| unet_xl | pretrained | runs/xl/encoder.pt | - | - | 3 | 0.8000 +- 0.0816" in md
+    # the same run given twice counts once; a run scored with other metrics is a row of its own
+    assert evaluate.main(["--report", *folders, folders[0] + "/eval", "--out", str(tmp_path / "rep2")]) == 0
+    assert "| 3 | 0.8000 +- 0.0816" in (tmp_path / "rep2" / "report.md").read_text()
+    other = tmp_path / "brats_xl_authors" / "eval"
+    other.mkdir(parents=True)
+    (other / "metrics.json").write_text(json.dumps({"dataset": "BraTS2021", "arch": "unet_xl", "pretrained": "runs/xl/encoder.pt",
+                                                    "metric_set": "authors", "summary": {"all": {"dice": {"mean": 0.1}}}}))
+    assert evaluate.main(["--report", *folders, str(other.parent), "--out", str(tmp_path / "rep3")]) == 0
+    md3 = (tmp_path / "rep3" / "report.md").read_text()
+    assert "| 3 | 0.8000 +- 0.0816" in md3 and "### BraTS2021, authors metrics" in md3 and "| 1 | 0.1000 +- 0.0000" in md3
