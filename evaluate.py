@@ -4,22 +4,28 @@ Sliding-window inference, metrics in native space, and predictions as NIfTI.
     python evaluate.py --run FT --data OUT --out FT/eval [--split test]
     python evaluate.py --run FT --images NEW_SCANS --out FT/new      # raw NIfTI, never preprocessed
 
-For each case: sliding-window inference over the whole preprocessed volume with the
-run's patch (overlap 0.5; logits summed over windows, as in the paper, or weighted by
-a Gaussian with --blend gaussian; --tta adds the 7 mirrored passes); then, as the
-authors' Yucca reverse_preprocessing (and nnU-Net), the logits are resized
-trilinearly to the cropped box at native resolution, argmaxed there, the box put back
-into the volume (background outside) and the reorientation undone
+For each case, as the authors' Yucca predicts: sliding-window inference over the whole
+preprocessed volume with the run's patch (window starts every patch/2 from 0, the last
+flush with the end; a volume smaller than the patch padded with 0, centred; logits
+summed over windows; or weighted by a Gaussian with --blend gaussian; --tta adds the 7
+mirrored passes); then, as their reverse_preprocessing (and nnU-Net), the logits are
+resized trilinearly to the cropped box at native resolution, argmaxed there, the box
+put back into the volume (background outside) and the reorientation undone
 (preprocess.native_argmax); the result is written as OUT/predictions/<case>.nii.gz
 with the raw image's shape and affine.
 
-Metrics per case and foreground label, on the native grid against the raw label file
-(spacing from its header): Dice, Jaccard, sensitivity, precision, HD95 in mm (95th
-percentile of the surface distances in both directions, pooled) and absolute volume
-difference (% of the reference volume). A label absent from both reference and
-prediction has no Dice (NaN): such cases are left out of the averages (nanmean), as in
-the paper, and the table says how many were. OUT/metrics.json holds every value and
-the mean / std / median per label; OUT/metrics.csv one row per case and label.
+Metrics per case on the native grid against the raw label file, in one of two sets:
+  --metrics authors (default; amaes src/evaluator.py, what Table 2 was computed with):
+    one confusion matrix per case over the label values; per value Dice, Jaccard,
+    sensitivity, precision, volume similarity and the counts, NaN when a value is in
+    neither; "all" = the same metrics of TP / FP / FN summed over the values other than
+    0 (a micro-average, not the union mask); values rounded to 4 decimals, then per
+    label the mean over cases with NaN left out (0 when NaN everywhere), rounded to 4.
+  --metrics challenge: each challenge's conventions (BraTS regions WT / TC / ET with
+    their empty-case rules, WMH label 2 masked out, ISLES lesion-wise F1 and volume
+    difference, HD95 in mm), per region of the dataset.
+OUT/metrics.json holds every value, the summary and which set it is; OUT/metrics.csv
+one row per case and label (or region).
 
 --images DIR: every *.nii(.gz) in DIR is a case (nnU-Net names <case>_0000.nii.gz,
 <case>_0001.nii.gz ... are grouped into the channels of one case), preprocessed on the

@@ -13,9 +13,16 @@ RAW is either
     (cases <name>_v000, <name>_v001, ...), since each MRI sequence or time point is its
     own pretraining volume.
 
+A challenge download in its own layout is read with --format brats21|isles22|wmh|msseg,
+as the authors' Yucca task conversions (channel order, label mapping, test cases: their
+train_test_split for BraTS21 / ISLES22, the challenge's test folders for WMH / MSSEG);
+--pretraining writes such a download's training cases as unlabelled volumes instead.
+
 Per case, in the order of the authors' code (Yucca 1.1.7, which AMAES used to build
 BRAINS-45K): reorient to RAS (axis permutation and flips, exact) -> crop to the
-bounding box of channel 0's voxels > 0 -> per channel, at native resolution: clip at
+bounding box of channel 0's voxels > 0, plus one voxel at the upper end of each axis
+(Yucca's box ends at max + 1 and its crop slices to the end + 1) -> on thick-slice
+datasets the thick axis first (Yucca's determine_transpose) -> per channel, at native resolution: clip at
 the 99th percentile of the foreground (voxels != the minimum), z-score with the
 foreground mean/std, min-max rescale to [0, 1] (background = 0) -> resize to 1 mm
 (size rounded; cubic B-spline with anti-aliasing where an axis shrinks, as
