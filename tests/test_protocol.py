@@ -229,3 +229,12 @@ def test_pretraining_on_a_test_case_is_named(tmp_path, capsys):
     assert pretrain.main(["--arch", "unet_b", "--patch", "32", "--batch", "1", "--steps", "1", "--workers", "0", "--quiet",
                           "--data", str(everything), "--out", str(tmp_path / "run"), "--test-sets", str(labelled)]) == 0
     assert f"are test cases of {labelled}" in capsys.readouterr().out
+
+
+def test_crop_keeps_one_voxel_past_the_foreground_by_hand():
+    """Yucca's box on a 20 x 24 x 16 RAS volume whose voxels > 0 span x 5..9, y 0..23 and
+    z 3..15: [5, 11), [0, 24) (the volume ends there) and [3, 16)."""
+    x = np.zeros((20, 24, 16), np.float32)
+    x[5:10, :, 3:16] = np.random.default_rng(0).uniform(1, 2, (5, 24, 13))
+    _, _, meta = preprocess.preprocess_arrays([x], np.eye(4))
+    assert meta["crop_box"] == [[5, 11], [0, 24], [3, 16]]
