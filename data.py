@@ -1,6 +1,7 @@
 """
 Datasets, patch sampling, the AMAES augmentation recipe, masking and few-shot splits.
 
+    python data.py --show demo/preprocessed --out recipe.png [--preset all|spatial|wald]   # see each row
     from data import PretrainDataset, StepSampler, augment_batch, random_mask
     ds = PretrainDataset("demo/preprocessed", patch=128, preset="all", seed=0)
     loader = DataLoader(ds, batch_size=8, sampler=StepSampler(0, 1000, 8), num_workers=8)
