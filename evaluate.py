@@ -427,8 +427,11 @@ def case_picture(path, meta, pred, ref=None, title=""):
     ornt = nib.orientations.ornt_transform(np.array(meta["native_ornt"]), nib.orientations.axcodes2ornt("RAS"))
     ras = [nib.orientations.apply_orientation(v, ornt) for v in (image, pred > 0, ref > 0 if ref is not None else None)
            if v is not None]
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = meta["original_spacing"]  # native axis i is RAS axis ornt[i, 0]
+    stretch = np.clip(np.round(spacing / spacing.min()), 1, 8).astype(int)  # a 3 mm axis shown 3 pixels a voxel
     masks = ([(ras[2], pictures.GREEN)] if ref is not None else []) + [(ras[1], pictures.RED)]
-    pictures.save_png(path, pictures.outline_picture(ras[0], masks, title=title)[0])
+    pictures.save_png(path, pictures.outline_picture(ras[0], masks, title=title, stretch=stretch)[0])
 
 
 def index_page(out, result, run):

@@ -103,11 +103,14 @@ def largest(mask):
     return tuple(int(mask.sum(axis=tuple(d for d in range(3) if d != ax)).argmax()) for ax in range(3))
 
 
-def ortho(vol, centre=None):
+def ortho(vol, centre=None, stretch=(1, 1, 1)):
     """The three orthogonal slices of (X, Y, Z) through `centre`, as shown:
-    sagittal (Z, Y), coronal (Z, X), axial (Y, X)."""
+    sagittal (Z, Y), coronal (Z, X), axial (Y, X). stretch: each axis's voxels
+    repeated so many times (thick slices of a raw image keep the head's proportions)."""
     c = centre_of(vol.shape) if centre is None else centre
-    return [view(vol[c[0], :, :]), view(vol[:, c[1], :]), view(vol[:, :, c[2]])]
+    k = stretch
+    return [view(vol[c[0], :, :].repeat(k[1], 0).repeat(k[2], 1)), view(vol[:, c[1], :].repeat(k[0], 0).repeat(k[2], 1)),
+            view(vol[:, :, c[2]].repeat(k[0], 0).repeat(k[1], 1))]
 
 
 def boundary(mask):
@@ -210,17 +213,17 @@ def volumes_picture(vols, names, centre=None, lo=None, hi=None):
     return grid([list(r) for r in zip(*cols)], ["sagittal", "coronal", "axial"], names)
 
 
-def outline_picture(image, masks_colours, centre=None, title=""):
+def outline_picture(image, masks_colours, centre=None, title="", stretch=(1, 1, 1)):
     """Evaluation's picture: the three slices of image (X, Y, Z) through `centre`
-    (default: where the masks are largest), each mask (X, Y, Z) outlined in its colour.
-    Returns (image, origins, centre)."""
+    (default: where the masks are largest), each mask (X, Y, Z) outlined in its colour;
+    stretch as in ortho. Returns (image, origins, centre)."""
     if centre is None:
         centre = largest(np.any([m for m, _ in masks_colours], axis=0)) if masks_colours else None
     lo, hi = window(image)
-    k = auto_zoom(image.shape)
+    k = auto_zoom([n * s for n, s in zip(image.shape, stretch)])
     panels = []
-    for i, sl in enumerate(ortho(np.asarray(image, np.float32), centre)):
-        ms = [(ortho(np.asarray(m, bool), centre)[i], col) for m, col in masks_colours]
+    for i, sl in enumerate(ortho(np.asarray(image, np.float32), centre, stretch)):
+        ms = [(ortho(np.asarray(m, bool), centre, stretch)[i], col) for m, col in masks_colours]
         # outline at voxel resolution, then zoomed: the outline is the boundary voxels, whatever the zoom
         panels.append(zoom(outline(grey(sl, lo, hi), ms), k))
     img, origins = grid([panels], [title], ["sagittal", "coronal", "axial"])

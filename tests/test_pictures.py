@@ -179,12 +179,18 @@ def test_evaluation_pictures_show_the_saved_prediction_and_label(evaluated, demo
         image = preprocess.read_nifti(meta["source_files"][0])[0]
         ornt = nib.orientations.ornt_transform(np.array(meta["native_ornt"]), nib.orientations.axcodes2ornt("RAS"))
         ras = [nib.orientations.apply_orientation(v, ornt) for v in (image, ref > 0, pred > 0)]
+        # voxel sides along the RAS axes, from the raw header: the thick axis is stretched to whole multiples of the thin
+        zooms = np.array(nib.load(meta["source_files"][0]).header.get_zooms()[:3])
+        side = np.array([zooms[list(ornt[:, 0].astype(int)).index(d)] for d in range(3)])
+        stretch = tuple(int(max(1, min(8, round(s / side.min())))) for s in side)
         got = read_png(evaluated / "eval" / "pictures" / f"{row['case']}.png")
         want, origins, centre = pictures.outline_picture(ras[0], [(ras[1], pictures.GREEN), (ras[2], pictures.RED)],
-                                                         title=f"{row['case']} dice {evaluate.case_dice(row):.3f}")
+                                                         title=f"{row['case']} dice {evaluate.case_dice(row):.3f}",
+                                                         stretch=stretch)
         assert np.array_equal(got, want)
-        k = pictures.auto_zoom(ras[0].shape)
-        for (y, x), r, p in zip(origins[0], pictures.ortho(ras[1], centre), pictures.ortho(ras[2], centre)):
+        assert centre == pictures.largest(ras[1] | ras[2])
+        k = pictures.auto_zoom([n * s for n, s in zip(ras[0].shape, stretch)])
+        for (y, x), r, p in zip(origins[0], pictures.ortho(ras[1], centre, stretch), pictures.ortho(ras[2], centre, stretch)):
             px = got[y:y + r.shape[0] * k:k, x:x + r.shape[1] * k:k]
             yellow = colour_mask(px, pictures.YELLOW)
             assert np.array_equal(colour_mask(px, pictures.GREEN) | yellow, edge(r))
