@@ -219,7 +219,8 @@ def test_report_page_and_no_pictures(evaluated, demo, tmp_path):
     page = Page()
     page.feed((tmp_path / "rep" / "report.html").read_text())
     assert page.links and all((tmp_path / "rep" / h).resolve() == (evaluated / "eval" / "index.html").resolve() for h in page.links)
-    assert len(page.tables[0]) == 2  # header and the one (dataset, arch, init, region) row
+    regions = json.loads((evaluated / "eval" / "metrics.json").read_text())["summary"]
+    assert len(page.tables[0]) == 1 + len(regions)  # header, then one row per label / region of the one configuration
     out = tmp_path / "quiet"
     assert evaluate.main(["--run", str(evaluated), "--data", str(demo / "preprocessed"), "--quiet", "--no-pictures",
                           "--out", str(out)]) == 0
