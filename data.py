@@ -1065,7 +1065,7 @@ def forced(preset, row, patch):
     return r
 
 
-def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_token=4):
+def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_token=4, clip=True):
     """One preprocessed case, centre-cropped (or padded) to `patch`, through each row of
     the preset alone, then masked as AMAES masks it. Returns (image (H, W, 3) uint8,
     panel origins, row names, [(name, params)]). Each row: three slices of channel 0
@@ -1078,7 +1078,7 @@ def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_
     out = [("original " + case, orig, {})]
     for row in preset_rows(preset):
         for k in range(50):  # the first sample whose draw changes the image (a rotation of 0 deg, no mirrored axis...)
-            params = draw_params(seed, k, "all", orig.shape[0], p, forced(preset, row, p))
+            params = draw_params(seed, k, "all", orig.shape[0], p, forced(preset, row, p), clip)
             x, _ = augment_sample(orig.clone(), params, p, 3, target_copy=False)
             if not torch.equal(x, orig):
                 break
@@ -1109,9 +1109,11 @@ def main(argv=None):
     p.add_argument("--case", help="which case (default: the first train case)")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--no-clip", action="store_true", help="intensity rows not clipped to their input's range, as in the "
+                   "from-scratch finetuning preset (all)")
     a = p.parse_args(argv)
     try:
-        img, _, _, params = show(a.show, a.preset, a.case, a.patch, a.seed)
+        img, _, _, params = show(a.show, a.preset, a.case, a.patch, a.seed, clip=not a.no_clip)
     except (FileNotFoundError, ValueError) as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 2
