@@ -74,8 +74,8 @@ def window(vol, lo=None, hi=None):
     percentile, so one bright voxel does not darken the rest) -> (lo, hi)."""
     vol = np.asarray(vol, dtype=np.float32)
     lo = float(vol.min()) if lo is None else lo
-    # every 2nd voxel per axis is plenty for a percentile, and 8x cheaper on a whole head
-    hi = float(np.percentile(vol[::2, ::2, ::2] if vol.ndim == 3 else vol, 99.5)) if hi is None else hi
+    # every 3rd voxel per axis is plenty for a percentile, and 27x cheaper on a whole head
+    hi = float(np.percentile(vol[::3, ::3, ::3] if vol.ndim == 3 else vol, 99.5)) if hi is None else hi
     return lo, hi if hi > lo else lo + 1.0
 
 
@@ -98,9 +98,10 @@ def largest(mask):
     """For each axis, the slice with the most voxels of `mask` (X, Y, Z), the centre
     when the mask is empty."""
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
+    idx = np.nonzero(mask)  # the voxels' coordinates: one pass over the volume, then work in the mask's size
+    if not len(idx[0]):
         return centre_of(mask.shape)
-    return tuple(int(mask.sum(axis=tuple(d for d in range(3) if d != ax)).argmax()) for ax in range(3))
+    return tuple(int(np.bincount(i, minlength=n).argmax()) for i, n in zip(idx, mask.shape))
 
 
 def ortho(vol, centre=None, stretch=(1, 1, 1)):
@@ -218,7 +219,7 @@ def outline_picture(image, masks_colours, centre=None, title="", stretch=(1, 1, 
     (default: where the masks are largest), each mask (X, Y, Z) outlined in its colour;
     stretch as in ortho. Returns (image, origins, centre)."""
     if centre is None:
-        centre = largest(np.any([m for m, _ in masks_colours], axis=0)) if masks_colours else None
+        centre = largest(np.logical_or.reduce([m for m, _ in masks_colours])) if masks_colours else None
     lo, hi = window(image)
     k = auto_zoom([n * s for n, s in zip(image.shape, stretch)])
     panels = []
