@@ -422,13 +422,13 @@ def case_picture(path, meta, pred, ref=None, title=""):
     """PNG of the raw image (its first channel) on the native grid turned to RAS, through
     the slices where the reference or prediction is largest: reference outlined in
     green, prediction in red (yellow where they meet)."""
-    image, _ = preprocess.read_nifti(meta["source_files"][0])
+    image, affine = preprocess.read_nifti(meta["source_files"][0])
     image = image[..., 0] if image.ndim == 4 else image
     ornt = nib.orientations.ornt_transform(np.array(meta["native_ornt"]), nib.orientations.axcodes2ornt("RAS"))
     ras = [nib.orientations.apply_orientation(v, ornt) for v in (image, pred > 0, ref > 0 if ref is not None else None)
            if v is not None]
     spacing = np.empty(3)
-    spacing[ornt[:, 0].astype(int)] = meta["original_spacing"]  # native axis i is RAS axis ornt[i, 0]
+    spacing[ornt[:, 0].astype(int)] = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # native axis i is RAS axis ornt[i, 0]
     stretch = np.clip(np.round(spacing / spacing.min()), 1, 8).astype(int)  # a 3 mm axis shown 3 pixels a voxel
     masks = ([(ras[2], pictures.GREEN)] if ref is not None else []) + [(ras[1], pictures.RED)]
     pictures.save_png(path, pictures.outline_picture(ras[0], masks, title=title, stretch=stretch)[0])
@@ -437,12 +437,15 @@ def case_picture(path, meta, pred, ref=None, title=""):
 def index_page(out, result, run):
     """OUT/index.html: the metric table worst case first, each case's picture, the
     run's settings (RUN/args.json) and its curves (RUN/log.jsonl) as inline SVG."""
-    regions = list(result["regions"])
+    regions = [v for v in result["regions"] if v != "0"]  # the authors' metrics score the background too: not here
     rows = sorted(result["cases"], key=lambda r: (math.isnan(case_dice(r)), case_dice(r)))
+    cols = [m for m in ("dice", "hd95_mm") if any(m in r["metrics"].get(v, {}) for r in rows for v in regions)]
     cell = (lambda v: float(v) if v is not None else "-")
-    table = pictures.table(["case", "dice (mean)"] + [f"{v} {m}" for v in regions for m in ("dice", "hd95_mm")],
+    names = result.get("label_names") or {}
+    table = pictures.table(["case", "dice (mean)"] + [f"{v} ({names[v]}) {m}" if v in names else f"{v} {m}"
+                                                      for v in regions for m in cols],
                            [[r["case"], cell(case_dice(r))] + [cell(r["metrics"].get(v, {}).get(m)) for v in regions
-                                                               for m in ("dice", "hd95_mm")] for r in rows])
+                                                               for m in cols] for r in rows])
     body = [f"<p>{html.escape(str(result['run']))} ({html.escape(str(result['checkpoint']))}), {len(rows)} case(s), "
             f"{html.escape(result['rule_text'])}. Outlines: reference green, prediction red, both yellow.</p>",
             "<h2>Cases, worst first</h2>", table]
