@@ -249,16 +249,17 @@ def bench_pictures(a):
         lambda: pictures.save_png(tmp / "v.png", pictures.volumes_picture(vols, ["a", "b", "c", "d"])[0]), a.repeats)])
     with open(tmp / "log.jsonl", "w") as f:
         for i in range(a.log_lines):
-            f.write(json.dumps({"step": 20 * i, "loss": 1 / (i + 1), **({"val_dice": i / a.log_lines} if i % 10 == 0 else {})}) + "\n")
+            val = {"val_dice": i / a.log_lines} if i % 10 == 0 else {}
+            f.write(json.dumps({"step": 20 * i, "loss": 1 / (i + 1), **val}) + "\n")
     report(rows, f"pictures/progress.png, {a.log_lines} log lines", "ms", [1e3 * t for t in timed(
         lambda: pictures.progress_png(tmp / "log.jsonl", tmp / "p.png"), a.repeats)])
     image = rng.random((182, 218, 182), dtype=np.float32)
     g = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1)
     ref = ((g - (90, 100, 90)) ** 2).sum(-1) < 400
     pred = ((g - (92, 100, 90)) ** 2).sum(-1) < 380
+    masks = [(ref, pictures.GREEN), (pred, pictures.RED)]
     report(rows, "pictures/evaluation case PNG, 182x218x182", "ms", [1e3 * t for t in timed(
-        lambda: pictures.save_png(tmp / "c.png", pictures.outline_picture(image, [(ref, pictures.GREEN), (pred, pictures.RED)])[0]),
-        a.repeats)])
+        lambda: pictures.save_png(tmp / "c.png", pictures.outline_picture(image, masks)[0]), a.repeats)])
     return rows
 
 

@@ -1050,7 +1050,9 @@ def swin_ssl_views(x, generator=None):
 def preset_rows(preset):
     """The rows a preset can fire, in the recipe's order."""
     base = WALD if preset == "wald" else RECIPE
-    spatial = [r for r in SPATIAL_ROWS if base[r] > 0 and (r != "elastic" or preset == "all")] if preset != "none" else []
+    if preset == "none":
+        return []
+    spatial = [r for r in SPATIAL_ROWS if base[r] > 0 and (r != "elastic" or preset == "all")]
     return spatial + (list(INTENSITY_ROWS) if preset == "all" else [])
 
 
@@ -1093,7 +1095,8 @@ def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_
         x0 = x[0].numpy()
         diff = np.abs(x0 - orig[0].numpy())
         panels = [pictures.zoom(pictures.grey(s, lo, hi), z) for s in pictures.ortho(x0)]
-        rows.append(panels + [pictures.zoom(pictures.grey(pictures.ortho(diff)[2], 0.0, max(float(diff.max()), 1e-12)), z)])
+        changed = pictures.grey(pictures.ortho(diff)[2], 0.0, max(float(diff.max()), 1e-12))  # axial |x - original|
+        rows.append(panels + [pictures.zoom(changed, z)])
     img, origins = pictures.grid(rows, [n for n, _, _ in out], ["sagittal", "coronal", "axial", "changed (axial)"])
     return img, origins, [n for n, _, _ in out], [(n, prm) for n, _, prm in out]
 
@@ -1109,8 +1112,8 @@ def main(argv=None):
     p.add_argument("--case", help="which case (default: the first train case)")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    p.add_argument("--no-clip", action="store_true", help="intensity rows not clipped to their input's range, as in the "
-                   "from-scratch finetuning preset (all)")
+    p.add_argument("--no-clip", action="store_true", help="intensity rows not clipped to their input's range, "
+                   "as in the from-scratch finetuning preset (all)")
     a = p.parse_args(argv)
     try:
         img, _, _, params = show(a.show, a.preset, a.case, a.patch, a.seed, clip=not a.no_clip)

@@ -458,7 +458,8 @@ def index_page(out, result, run):
         body += ["<h2>Training</h2>"] + [pictures.svg_curves({k: v}, title=k) for k, v in logged.items()]
     args = Path(run) / "args.json"
     if args.exists():
-        body += ["<h2>Run settings</h2>", pictures.table(["flag", "value"], sorted(json.loads(args.read_text()).items()))]
+        settings = sorted(json.loads(args.read_text()).items())
+        body += ["<h2>Run settings</h2>", pictures.table(["flag", "value"], settings)]
     body += ["<h2>Evaluation settings</h2>", pictures.table(["setting", "value"], sorted(result["settings"].items()))]
     pictures.write_atomic(out / "index.html", pictures.page(f"evaluation of {run}", "\n".join(body)))
 

@@ -33,10 +33,10 @@ Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
 FT/ holds args.json, cases.json, log.jsonl, ckpt.pt (the last state: for --resume
 and for evaluate.py) and progress.png (nnU-Net's: training loss and validation Dice
 from log.jsonl, redrawn every epoch; --no-pictures leaves it out). Model selection
-is ours and leaves the paper's protocol: --val-cases N holds N more labelled train cases out for validation Dice (sliding
-window over each held-out volume, every --val-every epochs and at the end) and keeps
-the best weights in best.pt (evaluate.py --checkpoint best); the run then reads
-n-train + N labelled cases.
+is ours and leaves the paper's protocol: --val-cases N holds N more labelled train
+cases out for validation Dice (sliding window over each held-out volume, every
+--val-every epochs and at the end) and keeps the best weights in best.pt
+(evaluate.py --checkpoint best); the run then reads n-train + N labelled cases.
 """
 import argparse
 import math

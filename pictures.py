@@ -110,7 +110,8 @@ def ortho(vol, centre=None, stretch=(1, 1, 1)):
     repeated so many times (thick slices of a raw image keep the head's proportions)."""
     c = centre_of(vol.shape) if centre is None else centre
     k = stretch
-    return [view(vol[c[0], :, :].repeat(k[1], 0).repeat(k[2], 1)), view(vol[:, c[1], :].repeat(k[0], 0).repeat(k[2], 1)),
+    return [view(vol[c[0], :, :].repeat(k[1], 0).repeat(k[2], 1)),
+            view(vol[:, c[1], :].repeat(k[0], 0).repeat(k[2], 1)),
             view(vol[:, :, c[2]].repeat(k[0], 0).repeat(k[1], 1))]
 
 

@@ -81,7 +81,8 @@ def add_run_flags(p, ckpt_every=1000):
                    help="stop after this many steps in a row with a non-finite loss or gradients, each skipped (default 5)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-pictures", action="store_true", help="no PNG pictures (samples, progress.png); they cost well under 1 %% of a run")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="no PNG pictures (samples, progress.png); they cost well under 1 %% of a run")
     p.add_argument("--no-preflight", action="store_true", help="skip the check that the run fits in memory, /dev/shm and "
                    "disk before it starts")
 
