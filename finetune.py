@@ -341,7 +341,10 @@ def train(a):
             log({"step": step, "epoch": epoch, "val_dice": v, "best": best})
             say(f"epoch {epoch}: step {step}/{total}, validation Dice {v:.4f} (best {best:.4f})")
         if epoch_end and ctx.master and not a.no_pictures:  # nnU-Net's progress.png, from the log
-            pictures.progress_png(out / "log.jsonl", out / "progress.png")
+            try:
+                pictures.progress_png(out / "log.jsonl", out / "progress.png")
+            except OSError as e:  # a picture is not worth a run: say so and train on
+                say(f"progress.png not written ({e})")
         if is_best or step % a.ckpt_every == 0 or step == total:
             try:
                 checkpoint(is_best)

@@ -310,8 +310,11 @@ def train(a):
                     save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
                 if not a.no_pictures:  # the same, as one PNG: channel 0, three slices through the patch centre
                     vols = [v[0, 0].float().cpu().numpy() for v in (inp, x, y, t)]  # 4 x (P, P, P)
-                    pictures.save_png(out / "samples" / f"step{step:07d}.png", pictures.volumes_picture(
-                        vols, ["augmented", "masked", "reconstruction", "target"])[0])
+                    try:
+                        pictures.save_png(out / "samples" / f"step{step:07d}.png", pictures.volumes_picture(
+                            vols, ["augmented", "masked", "reconstruction", "target"])[0])
+                    except OSError as e:  # a picture is not worth a run: say so and train on
+                        say(f"validation picture not written ({e})")
         model.train()
         tot, cnt = all_sum(ctx, tot, cnt)
         return tot / cnt
@@ -343,7 +346,10 @@ def train(a):
             if v is not None:
                 log({"step": step, "epoch": epoch, "val_loss": v})
             if ctx.master and not a.no_pictures:
-                pictures.progress_png(out / "log.jsonl", out / "progress.png")
+                try:
+                    pictures.progress_png(out / "log.jsonl", out / "progress.png")
+                except OSError as e:  # a picture is not worth a run: say so and train on
+                    say(f"progress.png not written ({e})")
             say(f"epoch {epoch}: step {step}/{total}" + (f", validation loss {v:.4f}" if v is not None else ""))
         if epoch_end or step % a.ckpt_every == 0:
             try:

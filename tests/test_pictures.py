@@ -247,3 +247,13 @@ def test_pretrain_writes_the_validation_picture(demo, tmp_path):
     assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(quiet), "--steps", "2",
                                  "--steps-per-epoch", "2", "--no-pictures"]) == 0
     assert not list(quiet.rglob("*.png")) and list((quiet / "samples").glob("*.nii.gz"))
+
+
+def test_a_picture_that_cannot_be_written_does_not_stop_the_run(demo, tmp_path, monkeypatch, capsys):
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pictures, "write_atomic", full)
+    run = tmp_path / "run"
+    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--out", str(run),
+                                 "--n-train", "2", "--steps", "2", "--steps-per-epoch", "1"]) == 0
+    assert "progress.png not written" in capsys.readouterr().out and (run / "ckpt.pt").exists()
