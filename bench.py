@@ -18,6 +18,8 @@ Prints one JSON line per measurement, then a table. Each figure is the median of
   train:  pretrain.py itself, run as a subprocess for --steps steps: samples/s,
           data-wait share and peak memory from its log.jsonl, one log interval per
           repeat, the first interval (start-up, compilation) left out.
+  pictures: ms per picture the stages write (validation PNG, progress.png, an
+          evaluation case PNG), to set against the steps between two of them.
 """
 import argparse
 import contextlib
@@ -34,6 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import pictures
 import training
 from models import ARCHS, build_model, patch_rule
 
@@ -234,6 +237,32 @@ def bench_preprocess(a):
     return rows
 
 
+def bench_pictures(a):
+    """ms per picture on the host, against the steps they ride along with: the
+    pretraining validation PNG (4 volumes of P^3, once per epoch), progress.png (read
+    and drawn from a log of --log-lines lines, once per epoch) and an evaluation case
+    PNG (a 182 x 218 x 182 volume with two outlined masks, once per case)."""
+    rows, rng = [], np.random.default_rng(0)
+    tmp = Path(tempfile.mkdtemp())
+    vols = [rng.random((a.patch,) * 3, dtype=np.float32) for _ in range(4)]  # (P, P, P) each
+    report(rows, f"pictures/pretrain validation PNG, 4 x {a.patch}^3", "ms", [1e3 * t for t in timed(
+        lambda: pictures.save_png(tmp / "v.png", pictures.volumes_picture(vols, ["a", "b", "c", "d"])[0]), a.repeats)])
+    with open(tmp / "log.jsonl", "w") as f:
+        for i in range(a.log_lines):
+            val = {"val_dice": i / a.log_lines} if i % 10 == 0 else {}
+            f.write(json.dumps({"step": 20 * i, "loss": 1 / (i + 1), **val}) + "\n")
+    report(rows, f"pictures/progress.png, {a.log_lines} log lines", "ms", [1e3 * t for t in timed(
+        lambda: pictures.progress_png(tmp / "log.jsonl", tmp / "p.png"), a.repeats)])
+    image = rng.random((182, 218, 182), dtype=np.float32)
+    g = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1)
+    ref = ((g - (90, 100, 90)) ** 2).sum(-1) < 400
+    pred = ((g - (92, 100, 90)) ** 2).sum(-1) < 380
+    masks = [(ref, pictures.GREEN), (pred, pictures.RED)]
+    report(rows, "pictures/evaluation case PNG, 182x218x182", "ms", [1e3 * t for t in timed(
+        lambda: pictures.save_png(tmp / "c.png", pictures.outline_picture(image, masks)[0]), a.repeats)])
+    return rows
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -273,6 +302,10 @@ def get_args(argv=None):
     q.add_argument("--files", type=int, default=4, help="at most this many files (default 4)")
     q.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
     q.add_argument("--authors", action="store_true", help="also time Yucca 1.1.7's preprocessing on the same files")
+    g = sub.add_parser("pictures", help="ms per picture (validation PNG, progress.png, evaluation case PNG)")
+    g.add_argument("--patch", type=int, default=128, help="patch side of the validation picture (default 128)")
+    g.add_argument("--log-lines", type=int, default=2500, help="lines of the log drawn in progress.png (default 2500)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
     a = p.parse_args(argv)
     if getattr(a, "patch", 16) < 16 or getattr(a, "batch", 1) < 1 or getattr(a, "repeats", 1) < 1 or getattr(a, "steps", 1) < 1:
         p.error("--patch >= 16; --batch, --repeats, --steps >= 1")
@@ -286,7 +319,8 @@ def get_args(argv=None):
 def main(argv=None):
     a = get_args(argv)
     try:
-        rows = {"models": bench_models, "data": bench_data, "train": bench_train, "preprocess": bench_preprocess}[a.what](a)
+        rows = {"models": bench_models, "data": bench_data, "train": bench_train, "preprocess": bench_preprocess,
+                "pictures": bench_pictures}[a.what](a)
     except (FileNotFoundError, ValueError) as e:
         print(f"bench.py: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """
 Datasets, patch sampling, the AMAES augmentation recipe, masking and few-shot splits.
 
+    python data.py --show demo/preprocessed --out recipe.png [--preset all|spatial|wald]   # see each row
     from data import PretrainDataset, StepSampler, augment_batch, random_mask
     ds = PretrainDataset("demo/preprocessed", patch=128, preset="all", seed=0)
     loader = DataLoader(ds, batch_size=8, sampler=StepSampler(0, 1000, 8), num_workers=8)
@@ -47,6 +48,7 @@ Presets (probabilities per sample, the authors' values in RECIPE):
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,8 @@ import torch.nn.functional as F
 import torchio as tio
 from torchio.transforms import IntensityTransform, SpatialTransform
 from torchio.transforms.augmentation import RandomTransform
+
+import pictures  # numpy and the standard library only
 
 PRESETS = ("none", "spatial", "all", "wald")
 
@@ -1038,3 +1042,90 @@ def swin_ssl_views(x, generator=None):
                 cutout(aug[i], donor=aug[j], generator=generator)
         views.append(aug), targets.append(rot), labels.append(k)
     return torch.cat(views), torch.cat(targets), torch.cat(labels).to(x.device)
+
+
+# -----------------------------------------------------------------------------
+# Seeing the recipe: python data.py --show DATA [--out FILE.png] [--preset all]
+
+def preset_rows(preset):
+    """The rows a preset can fire, in the recipe's order."""
+    base = WALD if preset == "wald" else RECIPE
+    if preset == "none":
+        return []
+    spatial = [r for r in SPATIAL_ROWS if base[r] > 0 and (r != "elastic" or preset == "all")]
+    return spatial + (list(INTENSITY_ROWS) if preset == "all" else [])
+
+
+def forced(preset, row, patch):
+    """The preset's recipe with `row` firing for sure and every other row off (every
+    axis and channel a row may skip taken too; Gibbs keeps 3/4 of the frequencies, the
+    96 of 128 at the recipe's end, so that it shows on any patch)."""
+    base = WALD if preset == "wald" else RECIPE
+    r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ROWS})
+    r.update({row: 1.0, "rotation_axis": 1.0, "blur_channel": 1.0, "lowres_channel": 1.0, "lowres_axis": 1.0,
+              "gibbs_keep": (round(0.75 * min(patch)),) * 2})
+    return r
+
+
+def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_token=4, clip=True):
+    """One preprocessed case, centre-cropped (or padded) to `patch`, through each row of
+    the preset alone, then masked as AMAES masks it. Returns (image (H, W, 3) uint8,
+    panel origins, row names, [(name, params)]). Each row: three slices of channel 0
+    and |row - original| on the axial slice, scaled to its own maximum (the noise rows
+    change the image by 1e-4..1e-3, far below one grey level)."""
+    case = case or sorted(case_names(root, "train") or case_names(root))[0]
+    vol = np.load(Path(root) / "images" / f"{case}.npy").astype(np.float32)  # (C, X, Y, Z)
+    p = (patch,) * 3
+    orig = torch.from_numpy(croppad(vol, [(n - s) // 2 for n, s in zip(vol.shape[1:], p)], p, float(vol.min())))
+    out = [("original " + case, orig, {})]
+    for row in preset_rows(preset):
+        for k in range(50):  # the first sample whose draw changes the image (a rotation of 0 deg, no mirrored axis...)
+            params = draw_params(seed, k, "all", orig.shape[0], p, forced(preset, row, p), clip)
+            x, _ = augment_sample(orig.clone(), params, p, 3, target_copy=False)
+            if not torch.equal(x, orig):
+                break
+        out.append((row, x, params["spatial"] or params["intensity"]))
+    g = torch.Generator().manual_seed(seed)
+    masked, _ = random_mask(orig[None], mask_ratio, mask_token, generator=g)
+    out.append((f"mask {mask_ratio:g} of {mask_token}^3", masked[0], {"ratio": mask_ratio, "token": mask_token}))
+    lo, hi = pictures.window(orig[0].numpy())
+    z = pictures.auto_zoom(p)
+    rows = []
+    for _, x, _ in out:
+        x0 = x[0].numpy()
+        diff = np.abs(x0 - orig[0].numpy())
+        panels = [pictures.zoom(pictures.grey(s, lo, hi), z) for s in pictures.ortho(x0)]
+        changed = pictures.grey(pictures.ortho(diff)[2], 0.0, max(float(diff.max()), 1e-12))  # axial |x - original|
+        rows.append(panels + [pictures.zoom(changed, z)])
+    img, origins = pictures.grid(rows, [n for n, _, _ in out], ["sagittal", "coronal", "axial", "changed (axial)"])
+    return img, origins, [n for n, _, _ in out], [(n, prm) for n, _, prm in out]
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="See the augmentation recipe: one case through each row of a preset, "
+                                "then the AMAES mask, as one PNG grid with the row names.")
+    p.add_argument("--show", required=True, metavar="DATA", help="preprocessed dataset (preprocess.py output)")
+    p.add_argument("--out", default="recipe.png", help="PNG to write (default recipe.png)")
+    p.add_argument("--preset", default="all", choices=PRESETS, help="all (pretraining, default), spatial (finetuning), "
+                   "wald or none")
+    p.add_argument("--case", help="which case (default: the first train case)")
+    p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--no-clip", action="store_true", help="intensity rows not clipped to their input's range, "
+                   "as in the from-scratch finetuning preset (all)")
+    a = p.parse_args(argv)
+    try:
+        img, _, _, params = show(a.show, a.preset, a.case, a.patch, a.seed, clip=not a.no_clip)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 2
+    pictures.save_png(a.out, img)
+    for name, prm in params:
+        print(f"{name}: {json.dumps(prm)}")
+    print(f"{a.out}: {img.shape[1]} x {img.shape[0]} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,12 @@ Metrics per case on the native grid against the raw label file, in one of two se
 OUT/metrics.json holds every value, the summary and which set it is; OUT/metrics.csv
 one row per case and label (or region).
 
+Pictures (--no-pictures leaves them out): OUT/pictures/<case>.png, the raw image's
+slices where the reference or prediction is largest, reference outlined in green and
+prediction in red; and OUT/index.html, one static page (no script, no external file):
+the metric table worst case first, each case's picture, the run's settings and its
+training curves. --report also writes report.html, linking each evaluation's page.
+
 --images DIR: every *.nii(.gz) in DIR is a case (nnU-Net names <case>_0000.nii.gz,
 <case>_0001.nii.gz ... are grouped into the channels of one case), preprocessed on the
 fly with preprocess.py's recipe; only predictions are written.
@@ -34,9 +40,11 @@ fly with preprocess.py's recipe; only predictions are written.
 import argparse
 import csv
 import gzip
+import html
 import itertools
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -48,6 +56,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
+import pictures
 import preprocess  # the geometry both ways (recipe and to_native) lives there, once
 from models import build_model
 from training import UserError, autocast_for
@@ -398,6 +407,82 @@ def save_prediction(path, pred_native, meta):
     preprocess.write_atomic(path, lambda p: p.write_bytes(gzip.compress(img.to_bytes(), compresslevel=6)))
 
 
+# -----------------------------------------------------------------------------
+# Pictures: one PNG per case, one page per evaluation (pictures.py draws them)
+
+def case_dice(row):
+    """A case's Dice over its foreground regions (nanmean; with the authors' metrics their
+    'all'), NaN when none has one: the page's sort key."""
+    ms = [row["metrics"]["all"]] if "all" in row["metrics"] else [m for k, m in row["metrics"].items() if k != "0"]
+    d = [m["dice"] for m in ms if m.get("dice") is not None and not math.isnan(m["dice"])]
+    return float(np.mean(d)) if d else float("nan")
+
+
+def case_picture(path, meta, pred, ref=None, title=""):
+    """PNG of the raw image (its first channel) on the native grid turned to RAS, through
+    the slices where the reference or prediction is largest: reference outlined in
+    green, prediction in red (yellow where they meet)."""
+    image, affine = preprocess.read_nifti(meta["source_files"][0])
+    image = image[..., 0] if image.ndim == 4 else image
+    ornt = nib.orientations.ornt_transform(np.array(meta["native_ornt"]), nib.orientations.axcodes2ornt("RAS"))
+    ras = [nib.orientations.apply_orientation(v, ornt) for v in (image, pred > 0, ref > 0 if ref is not None else None)
+           if v is not None]
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # native axis i is RAS axis ornt[i, 0]
+    stretch = np.clip(np.round(spacing / spacing.min()), 1, 8).astype(int)  # a 3 mm axis shown 3 pixels a voxel
+    masks = ([(ras[2], pictures.GREEN)] if ref is not None else []) + [(ras[1], pictures.RED)]
+    pictures.save_png(path, pictures.outline_picture(ras[0], masks, title=title, stretch=stretch)[0])
+
+
+def index_page(out, result, run):
+    """OUT/index.html: the metric table worst case first, each case's picture, the
+    run's settings (RUN/args.json) and its curves (RUN/log.jsonl) as inline SVG."""
+    regions = [v for v in result["regions"] if v != "0"]  # the authors' metrics score the background too: not here
+    rows = sorted(result["cases"], key=lambda r: (math.isnan(case_dice(r)), case_dice(r)))
+    cols = [m for m in ("dice", "hd95_mm") if any(m in r["metrics"].get(v, {}) for r in rows for v in regions)]
+    cell = (lambda v: float(v) if v is not None else "-")
+    names = result.get("label_names") or {}
+    table = pictures.table(["case", "dice (mean)"] + [f"{v} ({names[v]}) {m}" if v in names else f"{v} {m}"
+                                                      for v in regions for m in cols],
+                           [[r["case"], cell(case_dice(r))] + [cell(r["metrics"].get(v, {}).get(m)) for v in regions
+                                                               for m in cols] for r in rows])
+    body = [f"<p>{html.escape(str(result['run']))} ({html.escape(str(result['checkpoint']))}), {len(rows)} case(s), "
+            f"{html.escape(result['rule_text'])}. Outlines: reference green, prediction red, both yellow.</p>",
+            "<h2>Cases, worst first</h2>", table]
+    for r in rows:
+        if (out / "pictures" / f"{r['case']}.png").exists():
+            body.append(f'<h3>{html.escape(r["case"])}</h3><img src="pictures/{html.escape(r["case"])}.png" '
+                        f'alt="{html.escape(r["case"])}">')
+    logged = pictures.log_series(pictures.read_log(Path(run) / "log.jsonl"))
+    if logged:
+        body += ["<h2>Training</h2>"] + [pictures.svg_curves({k: v}, title=k) for k, v in logged.items()]
+    args = Path(run) / "args.json"
+    if args.exists():
+        settings = sorted(json.loads(args.read_text()).items())
+        body += ["<h2>Run settings</h2>", pictures.table(["flag", "value"], settings)]
+    body += ["<h2>Evaluation settings</h2>", pictures.table(["setting", "value"], sorted(result["settings"].items()))]
+    pictures.write_atomic(out / "index.html", pictures.page(f"evaluation of {run}", "\n".join(body)))
+
+
+def report_page(out, rows, evals):
+    """out/report.html: the report's table, then one line per evaluation (worst mean
+    Dice first) linking to its index.html by relative path."""
+    body = ["<h2>Dice, mean +- std over runs</h2>",
+            pictures.table(["dataset", "metric set", "arch", "init", "from", "recipe", "n-train", "runs", "region",
+                            "dice mean", "dice std"], rows), "<h2>Evaluations</h2>"]
+    lines = []
+    for key, folder, m in evals:
+        dice = [s["dice"]["mean"] for s in m.get("summary", {}).values() if s.get("dice", {}).get("mean") is not None]
+        page = folder / "index.html"
+        rel = os.path.relpath(page, out)
+        name = html.escape(f"{' / '.join(k for k in key if k)}: {m.get('run', folder)}")
+        link = f'<a href="{html.escape(rel)}">{name}</a>' if page.exists() else name
+        lines.append((float(np.mean(dice)) if dice else float("nan"), f"<li>{link}: mean Dice "
+                      f"{np.mean(dice) if dice else float('nan'):.4f}</li>"))
+    body += ["<ul>"] + [ln for _, ln in sorted(lines, key=lambda t: (math.isnan(t[0]), t[0]))] + ["</ul>"]
+    pictures.write_atomic(out / "report.html", pictures.page("report", "\n".join(body)))
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="finetune.py run folder (reads its ckpt.pt, or best.pt)")
@@ -424,6 +509,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="autocast (default auto: bf16/fp16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-pictures", action="store_true", help="no OUT/pictures/<case>.png and OUT/index.html "
+                   "(report: no report.html)")
     a = p.parse_args(argv)
     if a.report:
         a.out = Path(a.out or "report")
@@ -456,14 +543,15 @@ def print_table(summary, rule_text, names=None):
     print(f"Metrics: {rule_text}.")
 
 
-def report(paths, out):
+def report(paths, out, html_page=True):
     """The Table-2-style comparison: finished evaluations grouped by configuration --
     (dataset, metric set, arch, pretrained or from scratch, the initialisation file,
     recipe, n-train) -- so runs scored or trained differently are never averaged; per
     label / region, the mean and (population) std over the runs (seeds) of each run's
     case-mean Dice. A metrics.json reached by two names counts once. Writes
-    out/report.md and out/report.csv."""
-    runs, seen = [], set()
+    out/report.md, out/report.csv and out/report.html (the table, then each
+    evaluation with a link to its page)."""
+    runs, seen, evals = [], set(), []
     for p in map(Path, paths):
         f = next((c for c in (p / "metrics.json", p / "eval" / "metrics.json") if c.exists()), None)
         if f is None:
@@ -478,6 +566,7 @@ def report(paths, out):
                "scratch" if scratch else "pretrained", "" if scratch else str(m["pretrained"]), str(m.get("recipe") or ""),
                str(m.get("n_train") or ""))
         runs.append((key, m))
+        evals.append((key, f.parent, m))
     if not runs:
         raise ValueError("no finished evaluation among the folders given")
     groups = {}
@@ -511,6 +600,8 @@ def report(paths, out):
                         "dice_std"])
             w.writerows(rows)
     preprocess.write_atomic(out / "report.csv", write_csv)
+    if html_page:
+        report_page(out, rows, evals)
     try:  # a picture when matplotlib is around; never a dependency
         import matplotlib
         matplotlib.use("Agg")
@@ -524,7 +615,7 @@ def report(paths, out):
     except ImportError:
         pass
     print("\n".join(lines))
-    print(f"{out / 'report.md'}, {out / 'report.csv'}")
+    print(f"{out / 'report.md'}, {out / 'report.csv'}" + (f", {out / 'report.html'}" if html_page else ""))
     return rows
 
 
@@ -532,7 +623,7 @@ def main(argv=None):
     a = get_args(argv)
     if a.report:
         try:
-            report(a.report, a.out)
+            report(a.report, a.out, not a.no_pictures)
             return 0
         except ValueError as e:
             print(f"evaluate.py: error: {e}", file=sys.stderr)
@@ -596,6 +687,11 @@ def main(argv=None):
                     m = case_metrics(native, ref, meta["original_spacing"], regions,
                                      ds.get("evaluation_ignore", ds.get("ignore_label")), rules)
                 rows.append({"case": case, "metrics": m})
+            if not a.no_pictures:
+                (a.out / "pictures").mkdir(exist_ok=True)
+                ref_ = ref if files is None and meta.get("source_label") else None
+                title = case + (f" dice {case_dice(rows[-1]):.3f}" if ref_ is not None else "")
+                case_picture(a.out / "pictures" / f"{case}.png", meta, native, ref_, title)
         except (preprocess.CaseError, OSError, ValueError) as e:
             failed.append({"case": case, "reason": str(e)})
             print(f"FAILED {case}: {e}")
@@ -617,8 +713,11 @@ def main(argv=None):
                     for v, m in r["metrics"].items():
                         w.writerow([r["case"], v, *[m.get(k, "") for k in cols]])
         preprocess.write_atomic(a.out / "metrics.csv", write_csv)
+        if not a.no_pictures:
+            index_page(a.out, result, run)
         print_table(result["summary"], rule_text, names if a.metrics == "authors" else {})
-        print(f"\n{a.out / 'metrics.json'}, {a.out / 'metrics.csv'}, predictions in {a.out / 'predictions'}")
+        print(f"\n{a.out / 'metrics.json'}, {a.out / 'metrics.csv'}, predictions in {a.out / 'predictions'}"
+              + ("" if a.no_pictures else f"; open {a.out / 'index.html'} in a browser"))
     else:
         preprocess.save_json(a.out / "failed.json", failed)
         print(f"predictions in {a.out / 'predictions'}" + ("" if a.images else " (no reference labels: no metrics)"))

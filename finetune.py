@@ -30,12 +30,13 @@ Recipes (--recipe; every number is still a flag, resolved values saved in args.j
          from its plan; here they are 2 and per sample.)
 Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
 
-FT/ holds args.json, cases.json, log.jsonl and ckpt.pt (the last state: for --resume
-and for evaluate.py). Model selection is ours and leaves the paper's protocol:
---val-cases N holds N more labelled train cases out for validation Dice (sliding
-window over each held-out volume, every --val-every epochs and at the end) and keeps
-the best weights in best.pt (evaluate.py --checkpoint best); the run then reads
-n-train + N labelled cases.
+FT/ holds args.json, cases.json, log.jsonl, ckpt.pt (the last state: for --resume
+and for evaluate.py) and progress.png (nnU-Net's: training loss and validation Dice
+from log.jsonl, redrawn every epoch; --no-pictures leaves it out). Model selection
+is ours and leaves the paper's protocol: --val-cases N holds N more labelled train
+cases out for validation Dice (sliding window over each held-out volume, every
+--val-every epochs and at the end) and keeps the best weights in best.pt
+(evaluate.py --checkpoint best); the run then reads n-train + N labelled cases.
 """
 import argparse
 import math
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import pictures
 from evaluate import sliding_window
 import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
@@ -338,6 +340,11 @@ def train(a):
             best = max(best, v) if not math.isnan(v) else best
             log({"step": step, "epoch": epoch, "val_dice": v, "best": best})
             say(f"epoch {epoch}: step {step}/{total}, validation Dice {v:.4f} (best {best:.4f})")
+        if epoch_end and ctx.master and not a.no_pictures:  # nnU-Net's progress.png, from the log
+            try:
+                pictures.progress_png(out / "log.jsonl", out / "progress.png")
+            except OSError as e:  # a picture is not worth a run: say so and train on
+                say(f"progress.png not written ({e})")
         if is_best or step % a.ckpt_every == 0 or step == total:
             try:
                 checkpoint(is_best)

@@ -34,8 +34,11 @@ are printed and saved in args.json):
 RUN/ holds args.json, log.jsonl (one JSON line per --log-every steps, per validation
 and per skipped step), ckpt.pt (everything needed to continue; written every
 --ckpt-every steps and at each epoch end, atomically), encoder.pt (the encoder's
-weights plus its arch, for finetune.py --pretrained) and samples/ (one validation
-example per validation as NIfTI: masked input, reconstruction, target).
+weights plus its arch, for finetune.py --pretrained), samples/ (one validation
+example per validation as NIfTI: masked input, reconstruction, target; and as one
+PNG, stepNNNNNNN.png: three slices through the patch centre of the augmented input,
+masked input, reconstruction and target) and progress.png (the loss curves from
+log.jsonl, redrawn at each validation). --no-pictures leaves the PNGs out.
 Randomness: sample k of the run is a pure function of (seed, k) (data.py), and the
 masks of step s on rank r come from a generator seeded with (seed, s, r), so --resume
 gives the same next batch, the same masks and the same learning rate as an
@@ -53,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import pictures
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import write_atomic
 from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
@@ -304,6 +308,13 @@ def train(a):
             if k == 0:  # rank 0 writes the first example
                 for name, v in (("input", x), ("reconstruction", y), ("target", t)):
                     save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
+                if not a.no_pictures:  # the same, as one PNG: channel 0, three slices through the patch centre
+                    vols = [v[0, 0].float().cpu().numpy() for v in (inp, x, y, t)]  # 4 x (P, P, P)
+                    try:
+                        pictures.save_png(out / "samples" / f"step{step:07d}.png", pictures.volumes_picture(
+                            vols, ["augmented", "masked", "reconstruction", "target"])[0])
+                    except OSError as e:  # a picture is not worth a run: say so and train on
+                        say(f"validation picture not written ({e})")
         model.train()
         tot, cnt = all_sum(ctx, tot, cnt)
         return tot / cnt
@@ -334,6 +345,11 @@ def train(a):
             v = validate()
             if v is not None:
                 log({"step": step, "epoch": epoch, "val_loss": v})
+            if ctx.master and not a.no_pictures:
+                try:
+                    pictures.progress_png(out / "log.jsonl", out / "progress.png")
+                except OSError as e:  # a picture is not worth a run: say so and train on
+                    say(f"progress.png not written ({e})")
             say(f"epoch {epoch}: step {step}/{total}" + (f", validation loss {v:.4f}" if v is not None else ""))
         if epoch_end or step % a.ckpt_every == 0:
             try:

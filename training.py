@@ -38,7 +38,7 @@ from preprocess import clean_json, save_json, write_atomic
 # flags that may be given anew when a run is resumed: where and how fast it runs, and
 # the ways past a divergence (clipping, precision, patience); everything else is the run's
 RUNTIME_FLAGS = {"out", "data", "resume", "workers", "compile", "log_every", "ckpt_every", "checkpointing", "quiet", "device",
-                 "grad_clip", "dtype", "max_bad_steps", "aug_on", "no_preflight"}
+                 "grad_clip", "dtype", "max_bad_steps", "aug_on", "no_preflight", "no_pictures"}
 
 
 class UserError(Exception):
@@ -81,6 +81,8 @@ def add_run_flags(p, ckpt_every=1000):
                    help="stop after this many steps in a row with a non-finite loss or gradients, each skipped (default 5)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="no PNG pictures (samples, progress.png); they cost well under 1 %% of a run")
     p.add_argument("--no-preflight", action="store_true", help="skip the check that the run fits in memory, /dev/shm and "
                    "disk before it starts")
 

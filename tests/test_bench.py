@@ -47,3 +47,11 @@ def test_preprocess_rows_per_file_and_bad_input(demo, tmp_path, capsys):
                                  for r in got)
     assert bench.main(["preprocess", "--input", str(tmp_path)]) == 2
     assert "no NIfTI files" in capsys.readouterr().err
+
+
+def test_pictures_rows(capsys):
+    assert bench.main(["pictures", "--patch", "16", "--log-lines", "5", "--repeats", "1"]) == 0
+    got = rows(capsys.readouterr().out)
+    assert [r["bench"].split(",")[0] for r in got] == ["pictures/pretrain validation PNG", "pictures/progress.png",
+                                                       "pictures/evaluation case PNG"]
+    assert all(r["unit"] == "ms" and r["median"] > 0 for r in got)
