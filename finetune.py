@@ -16,18 +16,30 @@ authors do. FT/cases.json lists every labelled case the run read.
 
 Recipes (--recipe; every number is still a flag, resolved values saved in args.json):
   amaes  (default) Munk et al. 2024 (asbjrnmunk/amaes src/train.py with Yucca 1.1.7):
-         500 epochs x 100 batches of 8, patch 128, AdamW lr 1e-4 wd 3e-5, cosine
+         500 epochs x 100 batches of 8 PER PROCESS, patch 128, AdamW lr 1e-4 wd 3e-5, cosine
          annealing per epoch with T_max 575 and eta_min 1e-9, foreground oversampling
          0.33, loss soft Dice (softmax, background included, per sample, smooth 1) + CE.
          Augmentation: the spatial preset when finetuning, the full recipe (unclipped,
          Yucca's default) from scratch (--aug overrides).
-  wald   nnssl's nnU-Net PretrainedTrainer (TaWald/nnUNet, for Wald et al.'s MAE): SGD
-         Nesterov momentum 0.99, lr 1e-3, wd 3e-5, linear warm-up of the whole network
-         over 50 epochs then poly 0.9 over the remaining 950 of 1000 epochs of 250
-         batches of 2, patch 160, gradient clip 12, Dice (background excluded, smooth
-         1e-5) + CE, no deep supervision; a stem with fewer channels than the task is
-         tiled over them (weight / C). (nnU-Net takes the batch size and batch Dice
-         from its plan; here they are 2 and per sample.)
+  wald   nnssl's nnU-Net PretrainedTrainer (TaWald/nnUNet branch nnssl_finetuning_inclusion,
+         nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py l.36-41, on
+         nnUNetTrainer.py with batchgeneratorsv2): SGD Nesterov momentum 0.99, lr 1e-3
+         (1e-2 from scratch, --pretrained none, as nnU-Net), wd 3e-5, linear warm-up of
+         the whole network over 50 epochs then poly 0.9 over the remaining 950 of 1000
+         epochs of 250 batches of 2 IN TOTAL over the processes, patch 160, gradient
+         clip 12, Dice (background excluded, smooth 1e-5) + CE, no deep supervision; a
+         stem with fewer channels than the task is tiled over them (weight / C).
+         nnU-Net's augmentation (--aug nnunet: rotation, scaling, noise, blur,
+         brightness, contrast, low resolution, gamma with and without inversion,
+         mirroring, at nnUNetTrainer.py l.712-808's probabilities; trilinear), its
+         sampler (--sampler nnunet: the last third of each batch forced to hold
+         foreground, the patch centred on a voxel of a class drawn among those present)
+         and its predictor, recorded in the run for evaluate.py: Gaussian blending
+         (sigma patch/8), mirroring over all three axes, nnU-Net's window positions.
+         (nnU-Net takes the batch size and batch Dice from its plan; here 2 and per
+         sample.)
+Every recipe says whether --batch is per process or in total (--batch-scope, args.json,
+the recipe line printed at the start).
 Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
 
 FT/ holds args.json, cases.json, log.jsonl and ckpt.pt (the last state: for --resume

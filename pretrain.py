@@ -15,21 +15,38 @@ Methods:
 Recipes (--recipe; every number is still a flag of its own, and the resolved numbers
 are printed and saved in args.json):
   amaes  (default) Munk et al. 2024 (arXiv 2408.00640; asbjrnmunk/amaes src/pretrain.py):
-         patch 128, batch 8 per process, AdamW lr 1e-4 wd 0.01, linear warm-up from
+         patch 128, batch 8 PER PROCESS, AdamW lr 1e-4 wd 0.01, linear warm-up from
          lr * 1e-3 over 5 epochs then cosine to 0 (per step), 100 epochs of
          int(n_train / (batch * world)) steps, mask 0.6 of 4^3 tokens, MSE on all voxels,
          augmentation "all"; bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU.
-  tang   Tang et al. 2022 (Project-MONAI/research-contributions SwinUNETR/Pretrain
-         main.py) as AMAES compared with it: swin_ssl on swinunetr, AdamW lr 4e-4 wd 0.1,
-         warm-up from 0 over 500 steps then cosine to 0 (per step), fp16 + GradScaler
-         (AMP), 128^3 for 100 epochs (AMAES's setting; Tang's own crops were 96^3).
-  wald   Wald et al. 2024, dense MAE with ResEnc-L (MIC-DKFZ/nnssl BaseMAETrainer): SGD
-         Nesterov momentum 0.99, lr 1e-2, wd 3e-5, poly (1 - epoch/epochs)^0.9 stepped per
-         epoch, 1000 epochs x 250 steps (250k), batch 8, patch 160, gradient clip 12,
-         16^3 mask blocks, ratio U(0.6, 0.9) drawn per batch (the final variant; 0.75
-         fixed with --mask-ratio-range 0.75 0.75), MSE on masked voxels, augmentation
-         rotation +-30 (p 0.2) / scaling 0.7..1.4 (p 0.2) / mirroring, no intensity rows,
-         fp16 AMP. (nnssl z-scores each volume; this kit's preprocessing is AMAES's.)
+  tang   Tang et al. 2022, "the exact configuration" AMAES compared with: Project-MONAI/
+         research-contributions SwinUNETR/Pretrain main.py's defaults with --lrdecay
+         (l.155-187: AdamW lr 4e-4, decay 0.1, warm-up from 0 over 500 steps then cosine
+         to 0 per step, batch_size 2 volumes x sw_batch_size 2 crops = 4 per process,
+         AMP fp16, no gradient clipping) at 128^3 for 100 epochs (AMAES's own change;
+         Tang's crops were 96^3). swin_ssl on swinunetr; cutout as utils/ops.py.
+         The README's published run (--lr 6e-6 --batch_size 1, 8 GPUs, 100k steps) is
+         flags: --lr 6e-6 --batch 2 --steps 100000 --patch 96 on 8 processes.
+  wald   Wald et al. 2024, dense MAE with ResEnc-L (MIC-DKFZ/nnssl BaseMAETrainer_BS8,
+         BaseMAETrainer.py l.66-79 / l.569-579, AbstractTrainer.py l.157-165): SGD
+         Nesterov momentum 0.99, lr 1e-2, wd 3e-5, poly (1 - epoch/epochs)^0.9 stepped
+         per epoch, 1000 epochs x 250 steps (250k), batch 8 IN TOTAL over the processes
+         (total_batch_size; 8 / world each), patch 160 cut from a 257^3 pre-crop
+         (get_patch_size / 0.85), gradient clip 12, 16^3 mask blocks, 75 % masked (the
+         U(0.6, 0.9) per batch is BaseVariableSparkMAETrainer's, the sparse SparK
+         encoder: --mask-ratio-range 0.6 0.9), MSE on masked voxels, augmentation
+         rotation +-30 (p 0.2) / scaling 0.7..1.4 drawn as batchgenerators (p 0.2) /
+         mirroring, no intensity rows, fp16 AMP. (nnssl z-scores each volume; this
+         kit's preprocessing is AMAES's.)
+  bsf1   BrainSegFounder stage 1 (lab-smile/BrainSegFounder pretrain/README.md l.15,
+         pretrain/main_T1T2.py): swin_ssl, AdamW lr 5e-4 constant (no --lrdecay), decay
+         0.1, 100000 steps (the loop stops at num_steps; --epochs 300 never binds),
+         2 volumes x 2 crops of 96^3 per process, AMP fp16; data: T1 + T2-FLAIR.
+  bsf2   BrainSegFounder stage 2 (downstream/BraTS/ssl/launch.sh): lr 6e-6, warm-up 500
+         then cosine, decay 0.1, 50000 steps, 2 volumes x 2 crops of 96^3 per process,
+         fp32 (--noamp); data: the task's training images, --init stage 1's ckpt.pt.
+Every recipe says whether --batch is per process or in total (--batch-scope, args.json,
+the recipe line printed at the start).
 
 RUN/ holds args.json, log.jsonl (one JSON line per --log-every steps, per validation
 and per skipped step), ckpt.pt (everything needed to continue; written every
