@@ -186,6 +186,29 @@ def test_nnunet_rows_against_their_formulas():
     assert not torch.equal(nz[0], nz[1])
 
 
+def test_nnunet_rotation_and_scaling_against_batchgeneratorsv2s_affine():
+    """batchgeneratorsv2 SpatialTransform (spatial.py l.120-246, create_affine_matrix_3d l.380-399):
+    a centred grid times (Rz.Ry.Rx.S)^T, around the image centre, trilinear. The kit reads
+    coordinates R^T p s with Yucca's R = Rx.Ry.Rz: bgv2's matrix with the angles negated, so
+    with angles drawn U(-30, 30) the two are the same distribution. Reference: scipy
+    map_coordinates (order 1) at bgv2's coordinates for the negated angles."""
+    rng = np.random.default_rng(1)
+    x = np.zeros((1, 31, 30, 29))
+    x[0, 6:-6, 6:-6, 6:-6] = rng.random((19, 18, 17))  # 0 near the border: the padding modes agree
+    ang, s, patch = np.deg2rad([20.0, -25.0, 12.0]), 1.2, (16, 16, 16)
+
+    def rot(a, i, j):
+        m = np.eye(3)
+        m[i, i], m[i, j], m[j, i], m[j, j] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
+        return m
+    rx, ry, rz = rot(-ang[0], 1, 2), rot(-ang[1], 2, 0), rot(-ang[2], 0, 1)
+    grid = np.stack(np.meshgrid(*[np.arange(p) - (p - 1) / 2 for p in patch], indexing="ij"), -1)  # (*P, 3)
+    coords = grid @ (rz @ ry @ rx @ np.diag([s] * 3)).T + np.array([n / 2 - 0.5 for n in x.shape[1:]])
+    ref = ndi.map_coordinates(x[0], np.moveaxis(coords, -1, 0), order=1, mode="constant", cval=0)
+    out, _ = data.spatial(torch.from_numpy(x).float(), {"rotation": list(np.rad2deg(ang)), "scale": s}, patch, order=1)
+    assert np.allclose(out[0].numpy(), ref, atol=1e-5)
+
+
 def test_nnunet_spatial_without_a_transform_is_a_whole_voxel_centre_crop():
     x = torch.arange(2 * 9 * 8 * 7, dtype=torch.float32).view(2, 9, 8, 7)
     lab = (torch.arange(9 * 8 * 7) % 3).view(9, 8, 7)
