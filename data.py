@@ -287,7 +287,7 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
 
 
 def bg_contrast(rng, lo, hi):
-    """batchgeneratorsv2's BGContrast draw (transforms/intensity/contrast.py l.13-19): with p 0.5
+    """batchgeneratorsv2's BGContrast draw (transforms/intensity/contrast.py l.12-20): with p 0.5
     U(lo, 1) when lo < 1, else U(max(lo, 1), hi)."""
     return rng.uniform(lo, 1.0) if rng.random() < 0.5 and lo < 1 else rng.uniform(max(lo, 1.0), hi)
 
@@ -814,7 +814,7 @@ def nn_lowres(x, scales, key=None):
 
 
 def nn_gamma_curve(x, g, invert):
-    """GammaTransform (intensity/gamma.py l.57-91) on one channel with p_retain_stats 1:
+    """GammaTransform (intensity/gamma.py l.54-103) on one channel with p_retain_stats 1:
     (inverted) ((x - min) / max(range, 1e-7)) ** g * range + min, then mean and (unbiased)
     std restored."""
     y = -x if invert else x

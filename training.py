@@ -143,8 +143,9 @@ def default_workers():
 def process_batch(batch, scope, world):
     """Samples per process for --batch read as --batch-scope says: "process" (every process
     loads `batch`: AMAES, Tang, BrainSegFounder) or "total" (split evenly over the processes,
-    as nnssl's total_batch_size and nnU-Net's plan batch size; nnssl/nnU-Net give the first
-    batch % world ranks one more, here it must divide)."""
+    as nnssl's total_batch_size and nnU-Net's plan batch size; where it does not divide,
+    nnssl gives ranks ceil(batch / world) and the last fewer, nnU-Net the first
+    batch % world one more: here it must divide)."""
     if scope != "total":
         return batch
     if batch % world:
