@@ -75,6 +75,8 @@ def test_crops_per_volume_share_a_case(demo):
     cases = [ds.pick(k)[0] for k in range(12)]
     assert all(cases[2 * j] == cases[2 * j + 1] for j in range(6))
     assert len(set(cases[::2])) == len(set(ds.cases))  # one pass: every volume once
+    # nnssl's pre-crop for the wald preset: get_patch_size(32) / 0.85 = 51
+    assert data.PretrainDataset(demo / "preprocessed", patch=32, preset="wald").region_size() == (51, 51, 51)
 
 
 def test_tang_cutout_bounds_are_exclusive(monkeypatch):
