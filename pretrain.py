@@ -278,6 +278,9 @@ def train(a):
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
     out, say = Path(a.out), ctx.say
     ck = resume_or_start(a, out, ctx)  # None for a new run
+    for k, v in {"batch_scope": "process", "crops_per_volume": 1}.items():
+        if ck is not None and k not in ck["args"]:
+            setattr(a, k, v)  # a run saved before the flag existed continues as it ran
     bp = process_batch(a.batch, a.batch_scope, ctx.world)  # samples per process and step
 
     # -- data -----------------------------------------------------------------

@@ -62,12 +62,20 @@ def test_batch_scope_and_precrop():
     assert data.initial_patch_size((160,) * 3) == (257,) * 3 and data.initial_patch_size((128,) * 3) == (205,) * 3
 
 
-def test_wald_run_records_the_batch_scope(demo, tmp_path):
+def test_wald_run_records_the_batch_scope(demo, tmp_path, capsys):
     run = tmp_path / "w"
-    assert pretrain.main(["--recipe", "wald", "--arch", "unet_b", "--patch", "32", "--batch", "2", "--steps", "1", "--workers",
-                          "0", "--quiet", "--val-fraction", "0", "--data", str(demo / "preprocessed"), "--out", str(run)]) == 0
+    flags = ["--recipe", "wald", "--arch", "unet_b", "--patch", "32", "--batch", "2", "--workers", "0", "--quiet",
+             "--val-fraction", "0", "--data", str(demo / "preprocessed"), "--out", str(run)]
+    assert pretrain.main(flags + ["--steps", "1"]) == 0
     args = json.loads((run / "args.json").read_text())
     assert (args["batch"], args["batch_scope"], args["mask_ratio_range"]) == (2, "total", [0.75, 0.75])
+    assert "batch 2 in total over the processes" in capsys.readouterr().out
+    # a run saved before --batch-scope existed read its batch per process, and continues so
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    del ck["args"]["batch_scope"]
+    torch.save(ck, run / "ckpt.pt")
+    assert pretrain.main(flags + ["--steps", "2", "--resume"]) == 0
+    assert "(--batch 2 per process)" in capsys.readouterr().out
 
 
 def test_crops_per_volume_share_a_case(demo):
