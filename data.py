@@ -1,7 +1,7 @@
 """
 Datasets, patch sampling, the AMAES augmentation recipe, masking and few-shot splits.
 
-    python data.py --show demo/preprocessed --out recipe.png [--preset all|spatial|wald]   # see each row
+    python data.py --show demo/preprocessed --out recipe.png [--preset all|spatial|wald|nnunet]  # each row
     from data import PretrainDataset, StepSampler, augment_batch, random_mask
     ds = PretrainDataset("demo/preprocessed", patch=128, preset="all", seed=0)
     loader = DataLoader(ds, batch_size=8, sampler=StepSampler(0, 1000, 8), num_workers=8)
@@ -42,8 +42,13 @@ Presets (probabilities per sample, the authors' values in RECIPE):
            additive noise, blur, multiplicative noise, ghosting, Gibbs ringing, low
            resolution, bias field, gamma; each clipped to its input's range in
            pretraining (clip=False for the from-scratch finetuning preset).
-  wald     Wald et al.'s MAE recipe (WALD): rotation (p 0.2, every axis), scaling
-           0.7..1.4 (p 0.2), mirroring (p 0.5 per axis); no intensity rows.
+  wald     Wald et al.'s MAE recipe (WALD, nnssl BaseMAETrainer): rotation (p 0.2, every
+           axis), scaling 0.7..1.4 drawn as batchgenerators (p 0.2), mirroring (p 0.5 per
+           axis); no intensity rows; cut from a get_patch_size / 0.85 pre-crop (257^3 for 160).
+  nnunet   nnU-Net's default training augmentation (NNUNET; nnssl's finetuning inherits it):
+           rotation and scaling as wald but scales U(0.7, 1.4), then Gaussian noise, blur,
+           brightness, contrast, low resolution, inverted gamma, gamma, mirroring; from
+           the same pre-crop; trilinear as batchgeneratorsv2 (finetune --recipe wald).
 """
 import functools
 import json
@@ -60,7 +65,7 @@ from torchio.transforms.augmentation import RandomTransform
 
 import pictures  # numpy and the standard library only
 
-PRESETS = ("none", "spatial", "all", "wald")
+PRESETS = ("none", "spatial", "all", "wald", "nnunet")
 
 # The authors' recipe (amaes src/augmentations/augmentation_composer.py, Yucca 1.1.7
 # defaults): probabilities and ranges, one plain dict.
@@ -74,7 +79,21 @@ RECIPE = dict(
 )
 # Wald et al.'s MAE pretraining (nnssl BaseMAETrainer): rotation +-30 on every axis with p 0.2,
 # isotropic scaling 0.7..1.4 with p 0.2, mirroring of each axis with p 0.5; no elastic, no intensity rows
-WALD = dict(RECIPE, elastic=0.0, rotation_axis=1.0, scale_range=(0.7, 1.4), mirror=1.0)
+# Scales drawn as batchgenerators' augment_spatial draws them (spatial_transformations.py l.256-259):
+# with p 0.5 U(0.7, 1), else U(1, 1.4); patches cut from a pre-crop of get_patch_size(patch) / 0.85
+# (nnssl configure_basic_dummyDA.py l.36), centred and cropped on whole voxels when nothing fires.
+WALD = dict(RECIPE, elastic=0.0, rotation_axis=1.0, scale_range=(0.7, 1.4), scale_draw="below_above", mirror=1.0)
+# nnU-Net's default training augmentation (nnUNetTrainer.get_training_transforms, TaWald/nnUNet branch
+# nnssl_finetuning_inclusion nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py l.712-808, batchgeneratorsv2):
+# rotation p 0.2 (+-30 deg on every axis, l.464), scaling p 0.2 U(0.7, 1.4) one factor for all axes,
+# no elastic; then noise, blur, brightness, contrast, low resolution, inverted gamma, gamma (rows NNUNET_ROWS,
+# their probabilities and ranges below), mirroring of each axis with p 0.5.
+NNUNET = dict(RECIPE, elastic=0.0, rotation_axis=1.0, scale_range=(0.7, 1.4), scale_draw="uniform", mirror=1.0,
+              nn_noise=0.1, nn_noise_sigma=(0.0, 0.1), nn_blur=0.2, nn_blur_channel=0.5, nn_blur_sigma=(0.5, 1.0),
+              nn_brightness=0.15, nn_brightness_range=(0.75, 1.25), nn_contrast=0.15, nn_contrast_range=(0.75, 1.25),
+              nn_lowres=0.25, nn_lowres_channel=0.5, nn_lowres_scale=(0.5, 1.0), nn_gamma_invert=0.1, nn_gamma=0.3,
+              nn_gamma_range=(0.7, 1.5))
+NNUNET_ROWS = ("nn_noise", "nn_blur", "nn_brightness", "nn_contrast", "nn_lowres", "nn_gamma_invert", "nn_gamma")
 SPATIAL_ROWS = ("elastic", "rotation", "scale", "mirror")
 INTENSITY_ROWS = ("additive_noise", "blur", "multiplicative_noise", "ghosting", "gibbs", "low_resolution", "bias_field", "gamma")
 
@@ -214,11 +233,13 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
     not fire are left out. The draws follow the authors' structure: per sample, then
     per channel (and per axis) where their transforms draw so."""
     rng = np.random.default_rng([seed, k, 1])
-    r = WALD if preset == "wald" else recipe
+    r = {"wald": WALD, "nnunet": NNUNET}.get(preset, recipe) if recipe is RECIPE else recipe  # (show's forced recipes)
     p = {"key": key_of(seed, k, 2), "clip": clip, "spatial": {}, "intensity": {}}
     if preset == "none":
         return p
     sp = p["spatial"]
+    if preset in ("wald", "nnunet"):
+        sp["_crop"] = True  # nothing fired: a whole-voxel centre crop of the pre-crop, no resampling
     if preset == "all" and rng.random() < r["elastic"]:
         sp["elastic"] = [rng.uniform(*r["elastic_alpha"]), rng.uniform(*r["elastic_sigma"])]
     if rng.random() < r["rotation"]:
@@ -226,7 +247,13 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
         if any(angles):
             sp["rotation"] = angles
     if rng.random() < r["scale"]:
-        sp["scale"] = rng.uniform(*r["scale_range"])
+        lo, hi = r["scale_range"]
+        if r.get("scale_draw") == "below_above":  # batchgenerators: below 1 or above 1 with p 0.5 each
+            sp["scale"] = rng.uniform(lo, 1.0) if rng.random() < 0.5 and lo < 1 else rng.uniform(max(lo, 1.0), hi)
+        else:
+            sp["scale"] = rng.uniform(lo, hi)
+    if preset == "nnunet":
+        draw_nnunet_rows(rng, r, channels, p["intensity"])
     if r["mirror"] and rng.random() < r["mirror"]:
         sp["mirror"] = [bool(rng.random() < 0.5) for _ in range(3)]
     if preset != "all":
@@ -261,6 +288,49 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
         invert = bool(rng.random() < r["gamma_invert"])
         it["gamma"] = [rng.uniform(*r["gamma_low"]) if rng.random() < 0.5 else rng.uniform(*r["gamma_high"]), invert]
     return p
+
+
+def bg_contrast(rng, lo, hi):
+    """batchgeneratorsv2's BGContrast draw (transforms/intensity/contrast.py l.12-20): with p 0.5
+    U(lo, 1) when lo < 1, else U(max(lo, 1), hi)."""
+    return rng.uniform(lo, 1.0) if rng.random() < 0.5 and lo < 1 else rng.uniform(max(lo, 1.0), hi)
+
+
+def draw_nnunet_rows(rng, r, channels, it):
+    """Parameters of nnU-Net's intensity rows (nnUNetTrainer.py l.745-801), into `it`: each row
+    fires with its RandomTransform apply_probability; per channel as batchgeneratorsv2 draws them."""
+    if rng.random() < r["nn_noise"]:  # one sigma for all channels (synchronize_channels True)
+        it["nn_noise"] = rng.uniform(*r["nn_noise_sigma"])
+    if rng.random() < r["nn_blur"]:  # p 0.5 per channel, one sigma per axis
+        v = [[rng.uniform(*r["nn_blur_sigma"]) for _ in range(3)] if rng.random() < r["nn_blur_channel"] else None
+             for _ in range(channels)]
+        if any(x is not None for x in v):
+            it["nn_blur"] = v
+    if rng.random() < r["nn_brightness"]:
+        it["nn_brightness"] = [bg_contrast(rng, *r["nn_brightness_range"]) for _ in range(channels)]
+    if rng.random() < r["nn_contrast"]:
+        it["nn_contrast"] = [bg_contrast(rng, *r["nn_contrast_range"]) for _ in range(channels)]
+    if rng.random() < r["nn_lowres"]:  # p 0.5 per channel, one scale for all axes
+        v = [rng.uniform(*r["nn_lowres_scale"]) if rng.random() < r["nn_lowres_channel"] else None for _ in range(channels)]
+        if any(x is not None for x in v):
+            it["nn_lowres"] = v
+    for row in ("nn_gamma_invert", "nn_gamma"):
+        if rng.random() < r[row]:
+            it[row] = [bg_contrast(rng, *r["nn_gamma_range"]) for _ in range(channels)]
+
+
+def initial_patch_size(patch, max_deg=30.0, min_scale=0.85):
+    """nnU-Net's / nnssl's get_patch_size (nnssl ssl_data/compute_initial_patch_size.py,
+    configure_basic_dummyDA.py l.36): the largest extent of the patch rotated by max_deg
+    about each axis in turn, divided by the smallest scale 0.85, truncated: 257 for 160,
+    205 for 128."""
+    c = np.array(patch, dtype=float)
+    ext = c.copy()
+    for axis in range(3):
+        angles = [0.0, 0.0, 0.0]
+        angles[axis] = max_deg
+        ext = np.maximum(ext, np.abs(rotation_matrix(angles) @ c))
+    return tuple(int(v) for v in ext / min_scale)
 
 
 # -----------------------------------------------------------------------------
@@ -516,6 +586,14 @@ def spatial(x, params, patch, order=3, cval=None, label=None, clip=False, coef=N
     has it (augment_batch prefilters its rotated and deformed samples at once; the
     axis-aligned ones do not need it). Mirroring (Wald et al.'s recipe) flips the
     output."""
+    if params.get("_crop") and not ({"elastic", "rotation", "scale"} & set(params)):
+        # batchgenerators / batchgeneratorsv2 without a transform: a crop around floor(n / 2), no resampling
+        sl = tuple(slice(n // 2 - p // 2, n // 2 - p // 2 + p) for n, p in zip(x.shape[1:], patch))
+        out, lab = x[(slice(None),) + sl], (label[sl] if label is not None else None)
+        if "mirror" in params:
+            dims = [d for d, m in enumerate(params["mirror"]) if m]
+            out, lab = out.flip([d + 1 for d in dims]), (lab.flip(dims) if lab is not None else None)
+        return out, lab
     centre = [n / 2 - 0.5 for n in x.shape[1:]]
     lo, hi = x.amin(), x.amax()
     cval = lo if cval is None else cval
@@ -675,15 +753,105 @@ def gamma(x, params, key=None):
     return -y if invert else y
 
 
+# nnU-Net's intensity rows (batchgeneratorsv2 transforms, as nnUNetTrainer.get_training_transforms sets them)
+
+def nn_noise(x, sigma, key):
+    """GaussianNoiseTransform (intensity/gaussian_noise.py): x + N(0, sigma), one sigma ~ U(0, 0.1)
+    for all channels, independent noise per channel."""
+    return x + normal(key_of(key & M32, key >> 32, 40), x.shape, x.device) * sigma
+
+
+def nn_kernel(sigma, truncate=6.0):
+    """batchgeneratorsv2's _build_kernel (noise/gaussian_blur.py l.179-202, truncate 6 as
+    blur_dimension passes it): size = the odd number nearest sigma * 6 + 0.5, samples of
+    exp(-x^2 / 2 sigma^2) at -(size - 1) / 2 .. (size - 1) / 2, normalised."""
+    n = sigma * truncate + 0.5
+    k = round(n)
+    k = k if k % 2 == 1 else (k + 1 if n - k >= 0 else k - 1)
+    t = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    return w / w.sum()
+
+
+def nn_blur(x, sigmas, key=None):
+    """GaussianBlurTransform: per channel (None = untouched) a separable Gaussian, one sigma
+    per axis, torch 'reflect' padding (the edge voxel not repeated)."""
+    for c, sig in enumerate(sigmas):
+        if sig is None:
+            continue
+        y = x[c:c + 1]
+        for d, s in enumerate(sig):
+            k = nn_kernel(s).to(x.device, x.dtype)
+            r = len(k) // 2
+            pad = [0] * 6
+            pad[2 * (2 - d)], pad[2 * (2 - d) + 1] = r, r
+            yp = F.pad(y[None], pad, mode="reflect")[0]
+            n = y.shape[d + 1]
+            y = sum(w * yp.narrow(d + 1, i, n) for i, w in enumerate(k))
+        x[c] = y[0]
+    return x
+
+
+def nn_brightness(x, factors, key=None):
+    """MultiplicativeBrightnessTransform: x_c * m_c, m_c ~ BGContrast((0.75, 1.25)) per channel."""
+    return x * torch.tensor(factors, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+
+
+def nn_contrast(x, factors, key=None):
+    """ContrastTransform(preserve_range=True): per channel (x - mean) * m + mean, clipped to
+    the channel's [min, max] before the change."""
+    for c, m in enumerate(factors):
+        mean, lo, hi = x[c].mean(), x[c].min(), x[c].max()
+        x[c] = ((x[c] - mean) * m + mean).clamp(lo, hi)
+    return x
+
+
+def nn_lowres(x, scales, key=None):
+    """SimulateLowResolutionTransform (spatial/low_resolution.py l.55-62): per channel (None =
+    untouched) down to round(n * scale) with 'nearest-exact', back with trilinear
+    (align_corners False): torch's own interpolate, as there."""
+    for c, sc in enumerate(scales):
+        if sc is not None:
+            small = F.interpolate(x[c][None, None], [round(n * sc) for n in x.shape[1:]], mode="nearest-exact")
+            x[c] = F.interpolate(small, list(x.shape[1:]), mode="trilinear")[0, 0]
+    return x
+
+
+def nn_gamma_curve(x, g, invert):
+    """GammaTransform (intensity/gamma.py l.54-103) on one channel with p_retain_stats 1:
+    (inverted) ((x - min) / max(range, 1e-7)) ** g * range + min, then mean and (unbiased)
+    std restored."""
+    y = -x if invert else x
+    mean, std = y.mean(), y.std()
+    lo, hi = y.min(), y.max()
+    y = ((y - lo) / (hi - lo).clamp(min=1e-7)) ** g * (hi - lo) + lo
+    y = (y - y.mean()) * (std / y.std().clamp(min=1e-7)) + mean
+    return -y if invert else y
+
+
+def nn_gamma_invert(x, gammas, key=None):
+    for c, g in enumerate(gammas):
+        x[c] = nn_gamma_curve(x[c], g, True)
+    return x
+
+
+def nn_gamma(x, gammas, key=None):
+    for c, g in enumerate(gammas):
+        x[c] = nn_gamma_curve(x[c], g, False)
+    return x
+
+
 INTENSITY = {"additive_noise": additive_noise, "blur": blur, "multiplicative_noise": multiplicative_noise,
-             "ghosting": ghosting, "gibbs": gibbs, "low_resolution": low_resolution, "bias_field": bias_field, "gamma": gamma}
+             "ghosting": ghosting, "gibbs": gibbs, "low_resolution": low_resolution, "bias_field": bias_field, "gamma": gamma,
+             "nn_noise": nn_noise, "nn_blur": nn_blur, "nn_brightness": nn_brightness, "nn_contrast": nn_contrast,
+             "nn_lowres": nn_lowres, "nn_gamma_invert": nn_gamma_invert, "nn_gamma": nn_gamma}
 
 
 def intensity(x, params, key, clip=True):
     """The intensity rows that fired (params: row -> parameters), in the recipe's
     order; with clip each result is clipped to its input's range (per channel, as
     Yucca's transforms do; gamma: the sample's range)."""
-    for row in INTENSITY_ROWS:
+    for row in INTENSITY_ROWS + NNUNET_ROWS:
         if row in params:
             lo = x.amin(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.min()
             hi = x.amax(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.max()
@@ -741,7 +909,7 @@ class AmaesRow(IntensityTransform):
     def __init__(self, row, params, key, clip=True, **kwargs):
         super().__init__(**kwargs)
         if row not in INTENSITY:
-            raise ValueError(f"unknown row {row!r}; choose from {', '.join(INTENSITY_ROWS)}")
+            raise ValueError(f"unknown row {row!r}; choose from {', '.join(INTENSITY_ROWS + NNUNET_ROWS)}")
         self.row, self.params, self.key, self.clip = row, params, key, clip
         self.args_names = ["row", "params", "key", "clip"]
 
@@ -829,9 +997,22 @@ def croppad(vol, start, size, value):
     return out
 
 
+def crop_box(vol, start, size, value):
+    """vol[:, start:start + size] per axis for any start (negative, or past the end),
+    the part outside the volume filled with `value` (nnU-Net's crop_and_pad_nd)."""
+    out = np.full((vol.shape[0], *size), value, dtype=np.float32)
+    src, dst = [slice(None)], [slice(None)]
+    for n, s, p in zip(vol.shape[1:], start, size):
+        a, b = max(s, 0), min(s + p, n)
+        src.append(slice(a, max(a, b)))
+        dst.append(slice(a - s, a - s + max(0, b - a)))
+    out[tuple(dst)] = vol[tuple(src)]
+    return out
+
+
 class _Base(torch.utils.data.Dataset):
     def __init__(self, root, cases=None, patch=128, preset="all", seed=0, split="train", aug_on="device", order=3,
-                 recipe=RECIPE, clip=True):
+                 recipe=RECIPE, clip=True, crops=1):
         if preset not in PRESETS:
             raise ValueError(f"--aug {preset!r}: choose from {', '.join(PRESETS)}")
         self.root = Path(root)
@@ -843,16 +1024,23 @@ class _Base(torch.utils.data.Dataset):
                 raise FileNotFoundError(f"{self.root / 'images' / (c + '.npy')} is missing; rerun preprocess.py")
         self.patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
         self.preset, self.seed, self.aug_on, self.order, self.recipe, self.clip = preset, seed, aug_on, order, recipe, clip
+        self.crops = crops  # samples k with the same k // crops are cut from one volume (Tang's sw_batch_size)
         self.channels = int(np.load(self.root / "images" / f"{self.cases[0]}.npy", mmap_mode="r").shape[0])
 
     def __len__(self):
         return len(self.cases)
 
     def pick(self, k):
-        """Case of sample k and its rng: each pass over the data is a seeded permutation."""
-        n = len(self.cases)
-        perm = np.random.default_rng([self.seed, k // n, 1]).permutation(n)
-        return self.cases[perm[k % n]], np.random.default_rng([self.seed, k])
+        """Case of sample k and its rng: each pass over the data is a seeded permutation;
+        with crops > 1, that many consecutive samples share a volume (their crops differ)."""
+        n, v = len(self.cases), k // self.crops
+        perm = np.random.default_rng([self.seed, v // n, 1]).permutation(n)
+        return self.cases[perm[v % n]], np.random.default_rng([self.seed, k])
+
+    def region_size(self):
+        """The crop the workers cut: the patch, or for the nnssl / nnU-Net presets their
+        rotated-and-scaled pre-crop (initial_patch_size)."""
+        return initial_patch_size(self.patch) if self.preset in ("wald", "nnunet") else self.patch
 
     def params(self, k):
         """The augmentation parameters of sample k (a pure function of (seed, k))."""
@@ -870,7 +1058,7 @@ class _Base(torch.utils.data.Dataset):
         if tuple(region.shape[1:]) != tuple(self.patch) or params["spatial"]:  # as augment_sample decides
             subject = AmaesSpatial(self.patch, params["spatial"], params["key"], self.order, params["clip"])(subject)
         target = subject["image"].data.clone()
-        rows = [AmaesRow(r, params["intensity"][r], params["key"], params["clip"]) for r in INTENSITY_ROWS if r in params["intensity"]]
+        rows = [AmaesRow(r, params["intensity"][r], params["key"], params["clip"]) for r in INTENSITY_ROWS + NNUNET_ROWS if r in params["intensity"]]
         if rows:
             subject = tio.Compose(rows)(subject)
         self.last_history = subject.history
@@ -884,8 +1072,8 @@ class PretrainDataset(_Base):
     (C, P, P, P), augmented here. sample(k) -> (input, target, info) for inspection."""
 
     def region_size(self):
-        if self.preset == "none":
-            return self.patch
+        if self.preset in ("none", "wald"):
+            return super().region_size()
         p = self.patch  # the largest side a 2-D rotation of the patch reaches (Yucca get_max_rotated_size)
         return tuple(max(int(math.sqrt(p[i] ** 2 + p[j] ** 2)) for j in range(3) if j != i) for i in range(3))
 
@@ -921,10 +1109,13 @@ class SegDataset(_Base):
     (image, label, info) with info["fg_voxel"] the forced voxel (volume coordinates)."""
 
     def __init__(self, root, cases=None, patch=128, preset="spatial", seed=0, fg_p=0.33, split="train", aug_on="device",
-                 order=3, centre_fg=False, clip=False):
+                 order=3, centre_fg=False, clip=False, sampler="yucca", batch=1):
         super().__init__(root, cases, patch, preset, seed, split, aug_on, order, clip=clip)
-        self.fg_p, self.centre_fg = fg_p, centre_fg
+        if sampler not in ("yucca", "nnunet"):
+            raise ValueError(f"sampler {sampler!r}: yucca or nnunet")
+        self.fg_p, self.centre_fg, self.sampler, self.batch = fg_p, centre_fg, sampler, batch
         self._fg = {}  # case -> (N, 3) foreground locations, per worker
+        self._cls = {}  # case -> {label value: (N, 3) voxels}, nnU-Net's class_locations, per worker
 
     def label(self, case):
         return np.load(self.root / "labels" / f"{case}.npy", mmap_mode="r")
@@ -939,7 +1130,47 @@ class SegDataset(_Base):
             self._fg[case] = locs
         return self._fg[case]
 
+    def forced(self, k):
+        """nnU-Net's sampler (nnunetv2/training/dataloading/data_loader.py l.69-73, with the DDP
+        split of nnUNetTrainer.py l.363-406): slot j of a step's batch of B samples (all
+        processes together; sample k sits in slot k % B) must hold foreground iff
+        j >= round(B * (1 - fg_p)): the last third of each batch, not a coin per sample."""
+        return k % self.batch >= round(self.batch * (1 - self.fg_p))
+
+    def class_locations(self, case, lab):
+        if case not in self._cls:
+            lab = np.asarray(lab)
+            self._cls[case] = {int(v): np.argwhere(lab == v) for v in np.unique(lab) if v > 0}
+        return self._cls[case]
+
+    def crop_nnunet(self, k):
+        """nnU-Net's get_bbox (data_loader.py l.91-165) for the pre-crop R = initial_patch_size:
+        need_to_pad = R - patch (more where the volume is smaller), lower bounds -need // 2,
+        upper n + need // 2 + need % 2 - R; a random box, or for a forced slot a class drawn
+        uniformly among the classes present, a voxel of it uniformly, and the box centred
+        on it (clipped below only, as there); outside the volume image 0 and label 0 (-1
+        then 0, RemoveLabelTansform)."""
+        case, rng = self.pick(k)
+        vol, lab = self.image(case), self.label(case)
+        shape, r, p = vol.shape[1:], self.region_size(), self.patch
+        need = [max(ri - pi, ri - n) for ri, pi, n in zip(r, p, shape)]
+        lbs = [-d // 2 for d in need]
+        ubs = [n + d // 2 + d % 2 - ri for n, d, ri in zip(shape, need, r)]
+        locs = self.class_locations(case, lab) if self.forced(k) else {}
+        loc = None
+        if locs:
+            cls = sorted(locs)[int(rng.integers(len(locs)))]
+            loc = locs[cls][int(rng.integers(len(locs[cls])))]
+            start = [max(lb, int(l) - ri // 2) for lb, l, ri in zip(lbs, loc, r)]
+        else:
+            start = [int(rng.integers(lb, ub + 1)) for lb, ub in zip(lbs, ubs)]
+        img = crop_box(vol, start, r, 0.0)
+        seg = crop_box(lab[None], start, r, 0)[0].astype(np.uint8)
+        return case, img, seg, ([int(v) for v in loc] if loc is not None else None), start
+
     def crop(self, k):
+        if self.sampler == "nnunet":
+            return self.crop_nnunet(k)
         case, rng = self.pick(k)
         vol, lab = self.image(case), self.label(case)
         shape, p = vol.shape[1:], self.patch
@@ -1000,9 +1231,13 @@ def random_mask(x, ratio=0.6, token=4, generator=None):
 
 @torch.no_grad()
 def cutout(x, donor=None, generator=None, max_drop=0.3, max_side=0.25, min_side=0.05):
-    """Tang et al.'s drop: fill boxes (sides 5..25 % of the patch) until U(0, max_drop)
-    of the volume is covered, with N(0, 1) noise rescaled to [0, 1], or with the
-    same box of `donor` (another sample of the batch) when given. x: (C, *S), in place."""
+    """Tang et al.'s drop (research-contributions SwinUNETR/Pretrain utils/ops.py
+    patch_rand_drop l.17-43): fill boxes until U(0, max_drop) of the volume is covered,
+    with N(0, 1) noise rescaled to [0, 1], or with the same box of `donor` (another
+    sample of the batch) when given. As numpy's randint there, the upper bounds are
+    exclusive: start in [0, n - lo), side in [lo, hi) with lo = int(0.05 n), hi =
+    int(0.25 n) (lo at least 1 and hi above lo, for patches under 20 voxels), the box
+    cut at the volume's end. x: (C, *S), in place."""
     s = x.shape[1:]
     total = math.prod(s)
     target = torch.rand((), generator=generator, device="cpu").item() * max_drop * total
@@ -1010,8 +1245,8 @@ def cutout(x, donor=None, generator=None, max_drop=0.3, max_side=0.25, min_side=
     hi = [max(l + 1, int(max_side * n)) for l, n in zip(lo, s)]
     done = 0
     while done < target:
-        start = [int(torch.randint(0, n - l + 1, (), generator=generator)) for n, l in zip(s, lo)]
-        size = [int(torch.randint(l, h + 1, (), generator=generator)) for l, h in zip(lo, hi)]
+        start = [int(torch.randint(0, n - l, (), generator=generator)) for n, l in zip(s, lo)]
+        size = [int(torch.randint(l, h, (), generator=generator)) for l, h in zip(lo, hi)]
         box = (slice(None),) + tuple(slice(a, min(a + z, n)) for a, z, n in zip(start, size, s))
         if donor is None:
             noise = torch.randn(x[box].shape, generator=generator).to(x.device)
@@ -1049,21 +1284,21 @@ def swin_ssl_views(x, generator=None):
 
 def preset_rows(preset):
     """The rows a preset can fire, in the recipe's order."""
-    base = WALD if preset == "wald" else RECIPE
+    base = {"wald": WALD, "nnunet": NNUNET}.get(preset, RECIPE)
     if preset == "none":
         return []
     spatial = [r for r in SPATIAL_ROWS if base[r] > 0 and (r != "elastic" or preset == "all")]
-    return spatial + (list(INTENSITY_ROWS) if preset == "all" else [])
+    return spatial + {"all": list(INTENSITY_ROWS), "nnunet": list(NNUNET_ROWS)}.get(preset, [])
 
 
 def forced(preset, row, patch):
     """The preset's recipe with `row` firing for sure and every other row off (every
     axis and channel a row may skip taken too; Gibbs keeps 3/4 of the frequencies, the
     96 of 128 at the recipe's end, so that it shows on any patch)."""
-    base = WALD if preset == "wald" else RECIPE
-    r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ROWS})
+    base = {"wald": WALD, "nnunet": NNUNET}.get(preset, RECIPE)
+    r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ROWS + NNUNET_ROWS})
     r.update({row: 1.0, "rotation_axis": 1.0, "blur_channel": 1.0, "lowres_channel": 1.0, "lowres_axis": 1.0,
-              "gibbs_keep": (round(0.75 * min(patch)),) * 2})
+              "gibbs_keep": (round(0.75 * min(patch)),) * 2, "nn_blur_channel": 1.0, "nn_lowres_channel": 1.0})
     return r
 
 
@@ -1080,11 +1315,12 @@ def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_
     out = [("original " + case, orig, {})]
     for row in preset_rows(preset):
         for k in range(50):  # the first sample whose draw changes the image (a rotation of 0 deg, no mirrored axis...)
-            params = draw_params(seed, k, "all", orig.shape[0], p, forced(preset, row, p), clip)
+            params = draw_params(seed, k, "nnunet" if preset == "nnunet" else "all", orig.shape[0], p,
+                                 forced(preset, row, p), clip)
             x, _ = augment_sample(orig.clone(), params, p, 3, target_copy=False)
             if not torch.equal(x, orig):
                 break
-        out.append((row, x, params["spatial"] or params["intensity"]))
+        out.append((row, x, {k: v for k, v in {**params["spatial"], **params["intensity"]}.items() if k != "_crop"}))
     g = torch.Generator().manual_seed(seed)
     masked, _ = random_mask(orig[None], mask_ratio, mask_token, generator=g)
     out.append((f"mask {mask_ratio:g} of {mask_token}^3", masked[0], {"ratio": mask_ratio, "token": mask_token}))
@@ -1108,7 +1344,7 @@ def main(argv=None):
     p.add_argument("--show", required=True, metavar="DATA", help="preprocessed dataset (preprocess.py output)")
     p.add_argument("--out", default="recipe.png", help="PNG to write (default recipe.png)")
     p.add_argument("--preset", default="all", choices=PRESETS, help="all (pretraining, default), spatial (finetuning), "
-                   "wald or none")
+                   "wald (Wald et al.'s MAE), nnunet (nnU-Net's, finetune --recipe wald) or none")
     p.add_argument("--case", help="which case (default: the first train case)")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")

@@ -8,7 +8,8 @@ For each case, as the authors' Yucca predicts: sliding-window inference over the
 preprocessed volume with the run's patch (window starts every patch/2 from 0, the last
 flush with the end; a volume smaller than the patch padded with 0, centred; logits
 summed over windows; or weighted by a Gaussian with --blend gaussian; --tta adds the 7
-mirrored passes); then, as their reverse_preprocessing (and nnU-Net), the logits are
+mirrored passes; a run of finetune.py --recipe wald records nnU-Net's predictor -- its
+window positions, Gaussian blending and mirroring -- and gets it without flags); then, as their reverse_preprocessing (and nnU-Net), the logits are
 resized trilinearly to the cropped box at native resolution, argmaxed there, the box
 put back into the volume (background outside) and the reorientation undone
 (preprocess.native_argmax); the result is written as OUT/predictions/<case>.nii.gz
@@ -67,37 +68,52 @@ METRICS = ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percen
 # -----------------------------------------------------------------------------
 # Inference
 
-def window_starts(size, patch, overlap):
-    """Start offsets along one axis, as Yucca's get_steps_for_sliding_window: every
+def window_starts(size, patch, overlap, rule="yucca"):
+    """Start offsets along one axis. yucca (get_steps_for_sliding_window): every
     floor(patch * (1 - overlap)) voxels from 0 while a window still ends before the
     volume does, then one window flush with the end (200 voxels, patch 128, overlap
-    0.5: 0, 64, 72). size >= patch (the volume is padded first)."""
+    0.5: 0, 64, 72). nnunet (nnunetv2/inference/sliding_window_prediction.py
+    compute_steps_for_sliding_window): ceil((size - patch) / (patch * (1 - overlap))) + 1
+    windows spread evenly, round(i * (size - patch) / (n - 1)) (0, 36, 72 for 200).
+    size >= patch (the volume is padded first)."""
+    if rule == "nnunet":
+        n = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
+        return [round(i * (size - patch) / (n - 1)) for i in range(n)] if n > 1 else [0]
     step = max(1, math.floor(patch * (1 - overlap)))
     return [s for s in range(0, size, step) if s < size - patch] + [size - patch]
 
 
 def gaussian_weight(patch, device):
-    """nnU-Net-style importance map: a Gaussian with sigma = patch / 8, peak 1."""
-    axes = [torch.exp(-0.5 * ((torch.arange(p, device=device) - (p - 1) / 2) / (p / 8)) ** 2) for p in patch]
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return (w / w.max()).clamp(min=1e-3)
+    """nnU-Net's importance map (sliding_window_prediction.py compute_gaussian l.11-27): a unit
+    impulse at patch // 2 filtered by scipy's gaussian_filter with sigma = patch / 8 (truncate 4:
+    zero beyond int(4 sigma + 0.5) voxels), divided by its peak; zeros set to the smallest
+    non-zero value. Separable: one sampled, normalised 1-D kernel per axis."""
+    axes = []
+    for p in patch:
+        sigma, d = p / 8, torch.arange(p, device=device, dtype=torch.float64) - p // 2
+        r = int(4 * sigma + 0.5)
+        k = torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= r)
+        axes.append(k / k.max())
+    w = (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]).float()
+    return torch.where(w > 0, w, w[w > 0].min())
 
 
 @torch.no_grad()
-def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None):
+def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, batch=4, autocast=None, steps="yucca"):
     """Logits (K, X, Y, Z) for a whole volume image (C, X, Y, Z) (a tensor on the
     model's device), as the authors' Yucca predict: window logits SUMMED ("sum": no
     division, so a voxel seen by 8 windows has 8 windows' logits) or, with "gaussian",
     Gaussian-weighted and divided by the summed weights (nnU-Net); a volume smaller than
     the patch is padded with 0 (background), centred as Yucca's pad_to_size (d // 2
-    before, the rest after), and cropped back. tta: the mean over the 8 mirror images."""
+    before, the rest after), and cropped back. tta: the mean over the 8 mirror images
+    (nnU-Net's mirroring over axes 0, 1, 2). steps: window positions, "yucca" or "nnunet"."""
     autocast = autocast or torch.autocast("cpu", enabled=False)
     patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
     size = image.shape[1:]
     pad = [max(0, p - s) for p, s in zip(patch, size)]
     before = [d // 2 for d in pad]
     x = F.pad(image, [v for d, b in zip(reversed(pad), reversed(before)) for v in (b, d - b)])  # (C, X', Y', Z')
-    grid = [window_starts(s, p, overlap) for s, p in zip(x.shape[1:], patch)]
+    grid = [window_starts(s, p, overlap, steps) for s, p in zip(x.shape[1:], patch)]
     starts = [(i, j, k) for i in grid[0] for j in grid[1] for k in grid[2]]
     w = gaussian_weight(patch, x.device) if blend == "gaussian" else torch.ones(patch, device=x.device)
     flips = [d for r in range(4) for d in itertools.combinations((2, 3, 4), r)] if tta else [()]
@@ -147,7 +163,8 @@ def predict(model, image, info, meta, overlap=0.5, blend="sum", tta=False, batch
     nnU-Net does: in region order, where region k is on, the label regions_class_order[k]."""
     device = next(model.parameters()).device
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).to(device)
-    logits = sliding_window(model, x, info["patch"], overlap, blend, tta, batch, autocast)
+    logits = sliding_window(model, x, info["patch"], overlap, blend, tta, batch, autocast,
+                            (info.get("inference") or {}).get("steps", "yucca"))
     regions = info.get("training_regions")
     if not regions:
         return np.asarray(info["label_values"], dtype=np.uint8)[preprocess.native_argmax(logits, meta)]
@@ -503,8 +520,10 @@ def get_args(argv=None):
                    "the foreground labels; nanmean over cases); challenge: the challenge's conventions (BraTS regions and "
                    "empty-case rules, WMH label 2 masked, ISLES lesion-wise F1, HD95)")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
-    p.add_argument("--blend", default="sum", choices=("sum", "gaussian"), help="sum logits (default, the paper) or Gaussian-weight them")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 mirror images")
+    p.add_argument("--blend", choices=("sum", "gaussian"), help="sum logits (the paper) or Gaussian-weight them (nnU-Net) "
+                   "(default: what the run recorded, its recipe's: sum for amaes, gaussian for wald; sum for older runs)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation: average the 8 mirror images "
+                   "(default: what the run recorded: no for amaes, yes for wald, nnU-Net's mirroring)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="autocast (default auto: bf16/fp16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
@@ -633,6 +652,13 @@ def main(argv=None):
         run = Path(a.run)
         path = run / ("best.pt" if a.checkpoint == "best" else "ckpt.pt")
         model, info = load_model(path, device)
+        rec = info.get("inference") or {}  # the run's predictor (finetune.py --recipe); a flag given here wins
+        said = [f"--{k} {getattr(a, k)} given (the run recorded {rec[k]})" for k in ("blend", "tta")
+                if getattr(a, k) is not None and k in rec and getattr(a, k) != rec[k]]
+        a.blend = a.blend if a.blend is not None else rec.get("blend", "sum")
+        a.tta = a.tta if a.tta is not None else bool(rec.get("tta", False))
+        if said:
+            print("evaluate.py: " + "; ".join(said))
         _, autocast = autocast_for(device, a.dtype)
         ds = json.loads(Path(a.data, "dataset.json").read_text()) if not a.images and Path(a.data, "dataset.json").exists() else {}
         names = ds.get("label_names") or info.get("label_names") or {}

@@ -16,18 +16,30 @@ authors do. FT/cases.json lists every labelled case the run read.
 
 Recipes (--recipe; every number is still a flag, resolved values saved in args.json):
   amaes  (default) Munk et al. 2024 (asbjrnmunk/amaes src/train.py with Yucca 1.1.7):
-         500 epochs x 100 batches of 8, patch 128, AdamW lr 1e-4 wd 3e-5, cosine
+         500 epochs x 100 batches of 8 PER PROCESS, patch 128, AdamW lr 1e-4 wd 3e-5, cosine
          annealing per epoch with T_max 575 and eta_min 1e-9, foreground oversampling
          0.33, loss soft Dice (softmax, background included, per sample, smooth 1) + CE.
          Augmentation: the spatial preset when finetuning, the full recipe (unclipped,
          Yucca's default) from scratch (--aug overrides).
-  wald   nnssl's nnU-Net PretrainedTrainer (TaWald/nnUNet, for Wald et al.'s MAE): SGD
-         Nesterov momentum 0.99, lr 1e-3, wd 3e-5, linear warm-up of the whole network
-         over 50 epochs then poly 0.9 over the remaining 950 of 1000 epochs of 250
-         batches of 2, patch 160, gradient clip 12, Dice (background excluded, smooth
-         1e-5) + CE, no deep supervision; a stem with fewer channels than the task is
-         tiled over them (weight / C). (nnU-Net takes the batch size and batch Dice
-         from its plan; here they are 2 and per sample.)
+  wald   nnssl's nnU-Net PretrainedTrainer (TaWald/nnUNet branch nnssl_finetuning_inclusion,
+         nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py l.36-41, on
+         nnUNetTrainer.py with batchgeneratorsv2): SGD Nesterov momentum 0.99, lr 1e-3
+         (1e-2 from scratch, --pretrained none, as nnU-Net), wd 3e-5, linear warm-up of
+         the whole network over 50 epochs then poly 0.9 over the remaining 950 of 1000
+         epochs of 250 batches of 2 IN TOTAL over the processes, patch 160, gradient
+         clip 12, Dice (background excluded, smooth 1e-5) + CE, no deep supervision; a
+         stem with fewer channels than the task is tiled over them (weight / C).
+         nnU-Net's augmentation (--aug nnunet: rotation, scaling, noise, blur,
+         brightness, contrast, low resolution, gamma with and without inversion,
+         mirroring, at nnUNetTrainer.py l.712-808's probabilities; trilinear), its
+         sampler (--sampler nnunet: the last third of each batch forced to hold
+         foreground, the patch centred on a voxel of a class drawn among those present)
+         and its predictor, recorded in the run for evaluate.py: Gaussian blending
+         (sigma patch/8), mirroring over all three axes, nnU-Net's window positions.
+         (nnU-Net takes the batch size and batch Dice from its plan; here 2 and per
+         sample.)
+Every recipe says whether --batch is per process or in total (--batch-scope, args.json,
+the recipe line printed at the start).
 Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
 
 FT/ holds args.json, cases.json, log.jsonl, ckpt.pt (the last state: for --resume
@@ -53,19 +65,28 @@ from evaluate import sliding_window
 import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import save_json
-from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, guarded_step,
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, guarded_step,
                       load_pretrained_file, make_loader, make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 
 
-# The finetuning recipes: the value of every flag a recipe sets, one plain dict each
+# The finetuning recipes: the value of every flag a recipe sets, one plain dict each. lr_scratch:
+# the lr when --pretrained none. batch_scope: --batch per process (AMAES: every device loads 8) or the
+# total over the processes (nnU-Net's plan batch size, split over the GPUs, nnUNetTrainer.py l.363-406).
 RECIPES = {
-    "amaes": dict(patch=128, batch=8, epochs=500, steps_per_epoch=100, optimizer="adamw", lr=1e-4, wd=3e-5, schedule="cosine",
-                  t_max=575.0, eta_min=1e-9, warmup_epochs=0, dice_smooth=1.0, dice_background="include", grad_clip=0.0,
-                  tile_stem=False),
-    "wald": dict(patch=160, batch=2, epochs=1000, steps_per_epoch=250, optimizer="sgd", lr=1e-3, wd=3e-5, schedule="warmup_poly",
-                 t_max=575.0, eta_min=0.0, warmup_epochs=50, dice_smooth=1e-5, dice_background="exclude", grad_clip=12.0,
-                 tile_stem=True),
+    "amaes": dict(patch=128, batch=8, batch_scope="process", epochs=500, steps_per_epoch=100, optimizer="adamw", lr=1e-4,
+                  lr_scratch=1e-4, wd=3e-5, schedule="cosine", t_max=575.0, eta_min=1e-9, warmup_epochs=0, dice_smooth=1.0,
+                  dice_background="include", grad_clip=0.0, tile_stem=False, sampler="yucca", interp="cubic", blend="sum",
+                  tta=False),
+    # nnssl's PretrainedTrainer (TaWald/nnUNet branch nnssl_finetuning_inclusion,
+    # nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py l.36-41: lr 1e-3, 1e-2 from scratch;
+    # warm-up 50 epochs l.38) on nnU-Net's trainer: its augmentation (aug nnunet), sampler, trilinear
+    # resampling (batchgeneratorsv2 SpatialTransform mode 'bilinear'), and predictor (Gaussian blending,
+    # mirroring over the axes (0, 1, 2) of nnUNetTrainer.py l.468/483)
+    "wald": dict(patch=160, batch=2, batch_scope="total", epochs=1000, steps_per_epoch=250, optimizer="sgd", lr=1e-3,
+                 lr_scratch=1e-2, wd=3e-5, schedule="warmup_poly", t_max=575.0, eta_min=0.0, warmup_epochs=50, dice_smooth=1e-5,
+                 dice_background="exclude", grad_clip=12.0, tile_stem=True, sampler="nnunet", interp="linear", blend="gaussian",
+                 tta=True),
 }
 
 
@@ -89,37 +110,49 @@ def get_args(argv=None):
     p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s finetuning) or wald "
                    "(nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE); any flag below overrides one number of it")
     p.add_argument("--patch", type=int, help="cubic patch side (recipe: 128 / 160)")
-    p.add_argument("--batch", type=int, help="batch per process (recipe: 8 / 2)")
+    p.add_argument("--batch", type=int, help="samples per step, per process or in total as --batch-scope says "
+                   "(recipe: 8 per process / 2 in total)")
+    p.add_argument("--batch-scope", choices=("process", "total"), help="--batch is per process, or the total over all "
+                   "processes split evenly (recipe: process / total, nnU-Net's plan batch size over the GPUs)")
     p.add_argument("--epochs", type=int, help="epochs (recipe: 500 / 1000)")
     p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (recipe: 100 / 250)")
     p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / sgd)")
-    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3)")
+    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3 with --pretrained, 1e-2 from scratch as nnU-Net)")
     p.add_argument("--wd", type=float, help="weight decay (recipe: 3e-5 / 3e-5)")
     p.add_argument("--schedule", choices=("cosine", "warmup_poly"), help="cosine annealing per epoch (T_max, eta_min), or "
                    "linear warm-up of the whole network over --warmup-epochs then poly 0.9 (recipe: cosine / warmup_poly)")
     p.add_argument("--t-max", type=float, help="cosine annealing period in epochs (recipe: 575)")
     p.add_argument("--eta-min", type=float, help="cosine annealing floor (recipe: 1e-9)")
     p.add_argument("--warmup-epochs", type=int, help="warm-up epochs of warmup_poly (recipe: 50)")
-    p.add_argument("--fg-p", type=float, default=0.33, help="share of patches forced to hold a labelled voxel, drawn from "
-                   "all classes' voxels pooled, anywhere in the patch (default 0.33, the authors')")
+    p.add_argument("--fg-p", type=float, default=0.33, help="share of patches forced to hold a labelled voxel (default 0.33, "
+                   "both recipes); how, --sampler says")
+    p.add_argument("--sampler", choices=("yucca", "nnunet"), help="yucca: each patch forced with p --fg-p, its voxel drawn "
+                   "from all classes' voxels pooled, anywhere in the patch (AMAES); nnunet: the last round(B * (1 - fg-p)).. "
+                   "slots of each step's batch (all processes) forced, a class drawn among those present, the patch centred "
+                   "on one of its voxels (recipe: yucca / nnunet)")
     p.add_argument("--centre-fg", action="store_true", help="ours, not the paper's: a forced patch is centred on its voxel")
-    p.add_argument("--interp", default="cubic", choices=("cubic", "linear"), help="image resampling of the spatial rows: "
-                   "cubic B-spline (default, the authors') or linear (ours: faster; leaves the paper's recipe)")
+    p.add_argument("--interp", choices=("cubic", "linear"), help="image resampling of the spatial rows: cubic B-spline "
+                   "(AMAES's Yucca) or linear (batchgeneratorsv2's, nnU-Net) (recipe: cubic / linear)")
     p.add_argument("--loss", default="dice_ce", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1 (default), or one of them")
     p.add_argument("--dice-smooth", type=float, help="soft Dice smoothing term (recipe: 1 / 1e-5)")
     p.add_argument("--dice-background", choices=("include", "exclude"), help="background class in the soft Dice (recipe: "
                    "include / exclude, nnU-Net's do_bg False)")
-    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (default spatial when finetuning, all from scratch)")
+    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe amaes: spatial when finetuning, all from "
+                   "scratch; recipe wald: nnunet, nnU-Net's default pipeline, either way)")
     p.add_argument("--val-every", type=int, default=50, help="validate every N epochs, and at the end (default 50)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation (default 0.5)")
+    p.add_argument("--blend", choices=("sum", "gaussian"), help="sliding-window blending, recorded in the run for evaluate.py "
+                   "(recipe: sum, Yucca's summed logits / gaussian, nnU-Net's importance map sigma patch/8)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirroring at inference (the mean over the 8 flips), "
+                   "recorded in the run for evaluate.py (recipe: no / yes, nnU-Net's predictor over axes 0, 1, 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case selection, samples and initialisation (default 0)")
     add_run_flags(p)
     a = p.parse_args(argv)
     given = {k for k, v in vars(a).items() if v is not None and v != p.get_default(k)}
     for k, v in RECIPES[a.recipe].items():  # the recipe fills every number not given
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+        if k != "lr_scratch" and getattr(a, k) is None:
+            setattr(a, k, RECIPES[a.recipe]["lr_scratch"] if k == "lr" and a.pretrained == "none" else v)
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every"))
     a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
     a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --pretrained (Tang / BrainSegFounder weights)
@@ -140,7 +173,7 @@ def get_args(argv=None):
     if a.val_cases < 0 or not 0 <= a.fg_p <= 1 or not 0 <= a.overlap < 1:
         p.error("--val-cases >= 0, --fg-p in [0, 1], --overlap in [0, 1)")
     if a.aug is None:
-        a.aug = "all" if a.pretrained == "none" else "spatial"
+        a.aug = "nnunet" if a.recipe == "wald" else "all" if a.pretrained == "none" else "spatial"
     return a
 
 
@@ -211,6 +244,10 @@ def train(a):
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
     out, say = Path(a.out), ctx.say
     ck = resume_or_start(a, out, ctx)  # None for a new run
+    for k, v in {"batch_scope": "process", "sampler": "yucca", "blend": "sum", "tta": False}.items():
+        if ck is not None and k not in ck["args"]:
+            setattr(a, k, v)  # a run saved before the flag existed continues as it ran
+    bp = process_batch(a.batch, a.batch_scope, ctx.world)  # samples per process and step
 
     # -- cases: n-shot training set, held-out validation cases -----------------
     with user_input():
@@ -227,7 +264,8 @@ def train(a):
         in_ch = int(ds_json.get("n_channels", 1))
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p, aug_on=a.aug_on,
-                                   order=3 if a.interp == "cubic" else 1, centre_fg=a.centre_fg)
+                                   order=3 if a.interp == "cubic" else 1, centre_fg=a.centre_fg, sampler=a.sampler,
+                                   batch=bp * ctx.world)
     spe = a.steps_per_epoch
     total = a.steps or a.epochs * spe
 
@@ -254,7 +292,8 @@ def train(a):
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step, best = restore(ck, model, opt, scaler), ck["best"] if ck is not None else -1.0
-    sample_bytes = in_ch * a.patch ** 3 * 2 + a.patch ** 3 * (8 if a.aug_on == "workers" else 1)
+    region = math.prod(train_ds.region_size()) if a.aug_on != "workers" else a.patch ** 3
+    sample_bytes = in_ch * region * 2 + region * (8 if a.aug_on == "workers" else 1)
     preflight(model, a, ctx, out, sample_bytes, a.optimizer)
     net = wrap(model, a.compile, ctx)
 
@@ -263,14 +302,19 @@ def train(a):
              "regions_class_order": ds_json.get("regions_class_order"), "ignore_label": ignore, "n_outputs": n_out,
              "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge, "pretrained": a.pretrained, "seed": a.seed,
              "n_train": a.n_train, "recipe": getattr(a, "recipe", None), "dataset": ds_json.get("name"),
-             "transpose": ds_json.get("transpose")}  # the axis order of the data: evaluate.py --images applies it
+             "transpose": ds_json.get("transpose"),  # the axis order of the data: evaluate.py --images applies it
+             "inference": {"blend": a.blend, "tta": a.tta, "steps": "nnunet" if a.recipe == "wald" else "yucca"}}
+    # the recipe's predictor (window positions, blending, mirroring): evaluate.py applies it
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
         save_json(out / "cases.json", {"n_train": a.n_train, "seed": a.seed, "train": chosen, "val": val_cases,
                                        "labelled_cases_read": sorted(chosen + val_cases)})
     say(describe(model))
+    say(f"recipe {a.recipe}: " + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe] if k != "lr_scratch")
+        + f", aug {a.aug} (batch {a.batch} {'in total over the processes' if a.batch_scope == 'total' else 'per process'})")
     say(f"{len(chosen)}-shot ({a.n_train}, seed {a.seed}) of {len(pool)} train cases, {len(val_cases)} held out for validation; "
-        f"{ctx.world} process(es) x batch {a.batch}, patch {a.patch}^3, {total} steps ({spe} per epoch), {a.dtype} on {ctx.device.type}, aug {a.aug}")
+        f"{ctx.world} process(es) x batch {bp} (--batch {a.batch} {'in total' if a.batch_scope == 'total' else 'per process'}), "
+        f"sampler {a.sampler}, inference {a.blend}{' + mirroring' if a.tta else ''}, patch {a.patch}^3, {total} steps ({spe} per epoch), {a.dtype} on {ctx.device.type}, aug {a.aug}")
 
     saved = ck["step"] if ck is not None else None  # the step of the last good checkpoint
 
@@ -290,7 +334,8 @@ def train(a):
         for case in val_cases[ctx.rank::ctx.world]:
             img = torch.from_numpy(np.load(Path(a.data, "images", f"{case}.npy")).astype(np.float32)).to(ctx.device)
             ref = torch.from_numpy(np.load(Path(a.data, "labels", f"{case}.npy")).astype(np.int64)).to(ctx.device)
-            logits = sliding_window(model, img, a.patch, a.overlap, autocast=autocast)
+            logits = sliding_window(model, img, a.patch, a.overlap, a.blend, a.tta, autocast=autocast,
+                                    steps=facts["inference"]["steps"])
             keep = ref != ignore if ignore is not None else torch.ones_like(ref, dtype=torch.bool)
             if regions:  # region k of the prediction vs the reference voxels in region k
                 pairs = [(logits[k] > 0, torch.isin(ref, torch.tensor(v, device=ref.device))) for k, v in enumerate(regions.values())]
@@ -309,7 +354,7 @@ def train(a):
     if step >= total:
         say(f"{out} is already finished ({step} of {total} steps)")
         return model
-    loader = make_loader(train_ds, a.batch, step, total - step, ctx, a.workers)
+    loader = make_loader(train_ds, bp, step, total - step, ctx, a.workers)
     meter = Interval(ctx, a.max_bad_steps, a.dtype == "fp16")
     net.train()
     for s, epoch, batch in steps(loader, step, total, spe, meter, a.quiet):
@@ -332,7 +377,7 @@ def train(a):
         if step % a.log_every == 0 or step == total or validating or step % a.ckpt_every == 0:
             meter.check(log, out / "ckpt.pt", saved)  # skipped steps: logged, or too many in a row: stop
         if step % a.log_every == 0 or step == total:
-            log(dict(step=step, epoch=epoch, lr=lr, **meter.row(a.batch * ctx.world)))
+            log(dict(step=step, epoch=epoch, lr=lr, **meter.row(bp * ctx.world)))
         is_best = False
         if validating:
             v = validate()

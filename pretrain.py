@@ -15,21 +15,38 @@ Methods:
 Recipes (--recipe; every number is still a flag of its own, and the resolved numbers
 are printed and saved in args.json):
   amaes  (default) Munk et al. 2024 (arXiv 2408.00640; asbjrnmunk/amaes src/pretrain.py):
-         patch 128, batch 8 per process, AdamW lr 1e-4 wd 0.01, linear warm-up from
+         patch 128, batch 8 PER PROCESS, AdamW lr 1e-4 wd 0.01, linear warm-up from
          lr * 1e-3 over 5 epochs then cosine to 0 (per step), 100 epochs of
          int(n_train / (batch * world)) steps, mask 0.6 of 4^3 tokens, MSE on all voxels,
          augmentation "all"; bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU.
-  tang   Tang et al. 2022 (Project-MONAI/research-contributions SwinUNETR/Pretrain
-         main.py) as AMAES compared with it: swin_ssl on swinunetr, AdamW lr 4e-4 wd 0.1,
-         warm-up from 0 over 500 steps then cosine to 0 (per step), fp16 + GradScaler
-         (AMP), 128^3 for 100 epochs (AMAES's setting; Tang's own crops were 96^3).
-  wald   Wald et al. 2024, dense MAE with ResEnc-L (MIC-DKFZ/nnssl BaseMAETrainer): SGD
-         Nesterov momentum 0.99, lr 1e-2, wd 3e-5, poly (1 - epoch/epochs)^0.9 stepped per
-         epoch, 1000 epochs x 250 steps (250k), batch 8, patch 160, gradient clip 12,
-         16^3 mask blocks, ratio U(0.6, 0.9) drawn per batch (the final variant; 0.75
-         fixed with --mask-ratio-range 0.75 0.75), MSE on masked voxels, augmentation
-         rotation +-30 (p 0.2) / scaling 0.7..1.4 (p 0.2) / mirroring, no intensity rows,
-         fp16 AMP. (nnssl z-scores each volume; this kit's preprocessing is AMAES's.)
+  tang   Tang et al. 2022, "the exact configuration" AMAES compared with: Project-MONAI/
+         research-contributions SwinUNETR/Pretrain main.py's defaults with --lrdecay
+         (l.155-187: AdamW lr 4e-4, decay 0.1, warm-up from 0 over 500 steps then cosine
+         to 0 per step, batch_size 2 volumes x sw_batch_size 2 crops = 4 per process,
+         AMP fp16, no gradient clipping) at 128^3 for 100 epochs (AMAES's own change;
+         Tang's crops were 96^3). swin_ssl on swinunetr; cutout as utils/ops.py.
+         The README's published run (--lr 6e-6 --batch_size 1, 8 GPUs, 100k steps) is
+         flags: --lr 6e-6 --batch 2 --steps 100000 --patch 96 on 8 processes.
+  wald   Wald et al. 2024, dense MAE with ResEnc-L (MIC-DKFZ/nnssl BaseMAETrainer_BS8,
+         BaseMAETrainer.py l.66-79 / l.569-579, AbstractTrainer.py l.157-165): SGD
+         Nesterov momentum 0.99, lr 1e-2, wd 3e-5, poly (1 - epoch/epochs)^0.9 stepped
+         per epoch, 1000 epochs x 250 steps (250k), batch 8 IN TOTAL over the processes
+         (total_batch_size; 8 / world each), patch 160 cut from a 257^3 pre-crop
+         (get_patch_size / 0.85), gradient clip 12, 16^3 mask blocks, 75 % masked (the
+         U(0.6, 0.9) per batch is BaseVariableSparkMAETrainer's, the sparse SparK
+         encoder: --mask-ratio-range 0.6 0.9), MSE on masked voxels, augmentation
+         rotation +-30 (p 0.2) / scaling 0.7..1.4 drawn as batchgenerators (p 0.2) /
+         mirroring, no intensity rows, fp16 AMP. (nnssl z-scores each volume; this
+         kit's preprocessing is AMAES's.)
+  bsf1   BrainSegFounder stage 1 (lab-smile/BrainSegFounder pretrain/README.md l.15,
+         pretrain/main_T1T2.py): swin_ssl, AdamW lr 5e-4 constant (no --lrdecay), decay
+         0.1, 100000 steps (the loop stops at num_steps; --epochs 300 never binds),
+         2 volumes x 2 crops of 96^3 per process, AMP fp16; data: T1 + T2-FLAIR.
+  bsf2   BrainSegFounder stage 2 (downstream/BraTS/ssl/launch.sh): lr 6e-6, warm-up 500
+         then cosine, decay 0.1, 50000 steps, 2 volumes x 2 crops of 96^3 per process,
+         fp32 (--noamp); data: the task's training images, --init stage 1's ckpt.pt.
+Every recipe says whether --batch is per process or in total (--batch-scope, args.json,
+the recipe line printed at the start).
 
 RUN/ holds args.json, log.jsonl (one JSON line per --log-every steps, per validation
 and per skipped step), ckpt.pt (everything needed to continue; written every
@@ -59,23 +76,49 @@ import data
 import pictures
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import write_atomic
-from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
                       precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 METHODS = ("amaes", "mae", "swin_ssl")
 INTERP = {"cubic": 3, "linear": 1}
-# The three papers' recipes: the value of every flag a recipe sets, one plain dict each
+# The papers' recipes: the value of every flag a recipe sets, one plain dict each. batch_scope says
+# whether --batch is per process (AMAES, Tang, BrainSegFounder: every process loads its own batch)
+# or the total over all processes (nnssl: total_batch_size split over the GPUs).
 RECIPES = {
     "amaes": dict(method="amaes", optimizer="adamw", lr=1e-4, wd=0.01, schedule="cosine", warmup_epochs=5.0, warmup_steps=None,
-                  warmup_start=1e-3, epochs=100, steps_per_epoch=None, patch=128, batch=8, mask_ratio_range=[0.6, 0.6],
-                  mask_token=4, loss_on="all", aug="all", grad_clip=0.0, dtype="auto"),
+                  warmup_start=1e-3, epochs=100, steps_per_epoch=None, steps=None, patch=128, batch=8, batch_scope="process",
+                  crops_per_volume=1, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="all", grad_clip=0.0,
+                  dtype="auto"),
+    # Tang et al.'s "exact configuration" as AMAES used it: research-contributions SwinUNETR/Pretrain
+    # main.py defaults with --lrdecay (lr 4e-4 l.176, decay 0.1 l.177, warmup 500 l.158, warmup_cosine
+    # l.183/245, batch_size 2 x sw_batch_size 2 crops l.174-175, AMP unless --noamp l.187), at 128^3
+    # for 100 epochs (AMAES's change). The README's published run is flags (README.md).
     "tang": dict(method="swin_ssl", optimizer="adamw", lr=4e-4, wd=0.1, schedule="cosine", warmup_epochs=None, warmup_steps=500,
-                 warmup_start=0.0, epochs=100, steps_per_epoch=None, patch=128, batch=8, mask_ratio_range=[0.6, 0.6],
-                 mask_token=4, loss_on="all", aug="none", grad_clip=0.0, dtype="fp16"),
+                 warmup_start=0.0, epochs=100, steps_per_epoch=None, steps=None, patch=128, batch=4, batch_scope="process",
+                 crops_per_volume=2, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="none", grad_clip=0.0,
+                 dtype="fp16"),
+    # nnssl BaseMAETrainer_BS8 (BaseMAETrainer.py l.569-579: total_batch_size 8; mask_percentage 0.75
+    # l.79; patch 160 l.78), AbstractTrainer.py l.157-163 (lr 1e-2, wd 3e-5, momentum 0.99, 250 x 1000)
     "wald": dict(method="mae", optimizer="sgd", lr=1e-2, wd=3e-5, schedule="poly", warmup_epochs=None, warmup_steps=0,
-                 warmup_start=1e-3, epochs=1000, steps_per_epoch=250, patch=160, batch=8, mask_ratio_range=[0.6, 0.9],
-                 mask_token=16, loss_on="masked", aug="wald", grad_clip=12.0, dtype="fp16"),
+                 warmup_start=1e-3, epochs=1000, steps_per_epoch=250, steps=None, patch=160, batch=8, batch_scope="total",
+                 crops_per_volume=1, mask_ratio_range=[0.75, 0.75], mask_token=16, loss_on="masked", aug="wald", grad_clip=12.0,
+                 dtype="fp16"),
+    # BrainSegFounder stage 1 (lab-smile/BrainSegFounder pretrain/README.md l.15: main_T1T2.py --epochs 300
+    # --lr 5e-4, no --lrdecay: a constant lr; main_T1T2.py: the loop runs while global_step < num_steps
+    # l.483, num_steps 100000 l.266, batch_size 2 x sw_batch_size 2 l.285-286, roi 96 l.282, AMP)
+    "bsf1": dict(method="swin_ssl", optimizer="adamw", lr=5e-4, wd=0.1, schedule="constant", warmup_epochs=None, warmup_steps=0,
+                 warmup_start=0.0, epochs=300, steps_per_epoch=None, steps=100_000, patch=96, batch=4, batch_scope="process",
+                 crops_per_volume=2, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="none", grad_clip=0.0,
+                 dtype="fp16"),
+    # BrainSegFounder stage 2 (downstream/BraTS/ssl/launch.sh: lr 6e-6, BATCH_SIZE 2, NUM_STEPS 50000,
+    # TOTAL_EPOCHS 100, roi 96, --lrdecay --decay 0.1, --noamp; main_T1T2.py there: warmup 500 l.268,
+    # warmup_cosine l.294, sw_batch_size 2 l.286)
+    "bsf2": dict(method="swin_ssl", optimizer="adamw", lr=6e-6, wd=0.1, schedule="cosine", warmup_epochs=None, warmup_steps=500,
+                 warmup_start=0.0, epochs=100, steps_per_epoch=None, steps=50_000, patch=96, batch=4, batch_scope="process",
+                 crops_per_volume=2, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="none", grad_clip=0.0,
+                 dtype="fp32"),
 }
+ARCH_OF = {"amaes": "unet_b", "tang": "swinunetr", "wald": "resenc_l", "bsf1": "swinunetr", "bsf2": "swinunetr"}
 
 
 def get_args(argv=None):
@@ -84,7 +127,8 @@ def get_args(argv=None):
     p.add_argument("--arch", choices=list(ARCHS), help="network (default: the recipe's: unet_b / swinunetr / resenc_l; "
                    "with --init a released file's)")
     p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="a paper's whole recipe (default amaes; tang: the "
-                   "SwinUNETR-SSL baseline; wald: the dense MAE of Wald et al.); any flag below overrides one number of it")
+                   "SwinUNETR-SSL baseline; wald: the dense MAE of Wald et al.; bsf1 / bsf2: BrainSegFounder's stage 1 / 2); "
+                   "any flag below overrides one number of it")
     p.add_argument("--method", choices=METHODS, help="amaes, mae, or swin_ssl (swinunetr only) (recipe: amaes / swin_ssl / mae)")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (preprocess.py output; default demo/preprocessed)")
     p.add_argument("--out", default="runs/pretrain", help="run folder (default runs/pretrain)")
@@ -92,24 +136,32 @@ def get_args(argv=None):
                    "released file (as finetune.py --pretrained); tensors that match by name and shape load, the rest are "
                    "listed and keep their fresh initialisation; without --arch the file's arch is used")
     p.add_argument("--patch", type=int, help="cubic patch side (recipe: 128 / 128 / 160)")
-    p.add_argument("--batch", type=int, help="batch per process (recipe: 8)")
-    p.add_argument("--epochs", type=int, help="epochs (recipe: 100 / 100 / 1000)")
+    p.add_argument("--batch", type=int, help="samples (crops) per step, per process or in total as --batch-scope says "
+                   "(recipe: 8 per process / 4 per process / 8 in total / 4 per process / 4 per process)")
+    p.add_argument("--batch-scope", choices=("process", "total"), help="--batch is per process, or the total over all "
+                   "processes split evenly (recipe: process / process / total (nnssl's total_batch_size) / process / process)")
+    p.add_argument("--crops-per-volume", type=int, help="consecutive samples cut from the same volume (recipe: 1 / 2 / 1 / 2 / 2: "
+                   "Tang's and BrainSegFounder's sw_batch_size crops of each of batch_size volumes)")
+    p.add_argument("--epochs", type=int, help="epochs (recipe: 100 / 100 / 1000 / 300 / 100; bsf1 / bsf2 stop at --steps)")
     p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (recipe: int(n_train / (batch * world)), wald 250)")
-    p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit")
+    p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit "
+                   "(recipe: - / - / - / 100000 / 50000, BrainSegFounder's num_steps)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / adamw / sgd)")
-    p.add_argument("--lr", type=float, help="peak learning rate (recipe: 1e-4 / 4e-4 / 1e-2)")
-    p.add_argument("--wd", type=float, help="weight decay (recipe: 0.01 / 0.1 / 3e-5)")
-    p.add_argument("--schedule", choices=("cosine", "poly"), help="linear warm-up then cosine to 0 per step, or poly "
-                   "(1 - epoch/epochs)^0.9 per epoch (recipe: cosine / cosine / poly)")
+    p.add_argument("--lr", type=float, help="peak learning rate (recipe: 1e-4 / 4e-4 / 1e-2 / 5e-4 / 6e-6)")
+    p.add_argument("--wd", type=float, help="weight decay (recipe: 0.01 / 0.1 / 3e-5 / 0.1 / 0.1)")
+    p.add_argument("--schedule", choices=("cosine", "poly", "constant"), help="linear warm-up then cosine to 0 per step, poly "
+                   "(1 - epoch/epochs)^0.9 per epoch, or constant (Tang's code without --lrdecay) (recipe: cosine / cosine / "
+                   "poly / constant / cosine)")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up, in epochs (recipe: 5 for amaes)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up, in steps (recipe: 500 for tang); wins over --warmup-epochs")
     p.add_argument("--warmup-start", type=float, help="warm-up starts at lr times this (recipe: 1e-3 for amaes, 0 for tang)")
-    p.add_argument("--mask-ratio", type=float, help="share of tokens masked (recipe: 0.6 amaes); sets --mask-ratio-range R R")
+    p.add_argument("--mask-ratio", type=float, help="share of tokens masked (recipe: 0.6 amaes, 0.75 wald); sets --mask-ratio-range R R")
     p.add_argument("--mask-ratio-range", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="mask ratio drawn U(LO, HI) per batch, the same on every rank (recipe: 0.6 0.6 / - / 0.6 0.9)")
+                   help="mask ratio drawn U(LO, HI) per batch, the same on every rank (recipe: 0.6 0.6 / - / 0.75 0.75; "
+                   "0.6 0.9 is nnssl's BaseVariableSparkMAETrainer, the sparse SparK encoder: another trainer)")
     p.add_argument("--mask-token", type=int, help="mask token side in voxels (recipe: 4 / - / 16)")
     p.add_argument("--loss-on", choices=("all", "masked"), help="MSE over all voxels or masked voxels only (recipe: all / - / masked)")
-    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe: all / none / wald; mae: none)")
+    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe: all / none / wald / none / none; mae: none)")
     p.add_argument("--interp", default="cubic", choices=list(INTERP), help="spatial resampling: cubic B-spline (default, "
                    "the authors') or linear (ours: faster, blurrier; leaves the paper's recipe)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of volumes held out for validation (default 0.01; at least 1)")
@@ -127,7 +179,7 @@ def get_args(argv=None):
             setattr(a, k, v)
     if a.method == "mae" and "aug" not in given and a.recipe == "amaes":
         a.aug = "none"  # the plain-MAE ablation of AMAES: no augmentation
-    a.arch = a.arch or {"amaes": "unet_b", "tang": "swinunetr", "wald": "resenc_l"}[a.recipe]
+    a.arch = a.arch or ARCH_OF[a.recipe]
     if a.method == "swin_ssl" and a.arch != "swinunetr":
         p.error(f"--method swin_ssl is SwinUNETR's own SSL (rotation, contrastive and reconstruction heads on its "
                 f"Swin bottleneck); use --arch swinunetr, or --method amaes / mae for {a.arch}")
@@ -140,7 +192,7 @@ def get_args(argv=None):
         p.error("--mask-ratio / --mask-ratio-range must be in [0, 1), LO <= HI")
     if not 0 <= a.val_fraction < 0.5:
         p.error("--val-fraction must be in [0, 0.5)")
-    check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps"))
+    check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "crops_per_volume"))
     a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
     a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --init (Tang / BrainSegFounder weights)
     return a
@@ -152,7 +204,10 @@ def get_args(argv=None):
 def lr_at(step, total, warmup, lr, start=1e-3, schedule="cosine", steps_per_epoch=1):
     """cosine: linear warm-up from lr * start to lr over `warmup` steps, then cosine to
     0 at `total` (per step; AMAES, and Tang et al.'s WarmupCosineSchedule with start 0).
-    poly: lr * (1 - epoch / epochs) ** 0.9, stepped per epoch (nnU-Net / nnssl PolyLR)."""
+    poly: lr * (1 - epoch / epochs) ** 0.9, stepped per epoch (nnU-Net / nnssl PolyLR).
+    constant: lr (Tang's and BrainSegFounder's main.py without --lrdecay: no scheduler)."""
+    if schedule == "constant":
+        return lr
     if schedule == "poly":
         epochs = math.ceil(total / steps_per_epoch)
         return lr * (1 - (step // steps_per_epoch) / epochs) ** 0.9
@@ -227,6 +282,10 @@ def train(a):
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
     out, say = Path(a.out), ctx.say
     ck = resume_or_start(a, out, ctx)  # None for a new run
+    for k, v in {"batch_scope": "process", "crops_per_volume": 1}.items():
+        if ck is not None and k not in ck["args"]:
+            setattr(a, k, v)  # a run saved before the flag existed continues as it ran
+    bp = process_batch(a.batch, a.batch_scope, ctx.world)  # samples per process and step
 
     # -- data -----------------------------------------------------------------
     with user_input():
@@ -236,12 +295,13 @@ def train(a):
         val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
         train_cases = [c for c in cases if c not in val_cases]
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
-        train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp])
+        train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp],
+                                        crops=a.crops_per_volume)
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
         for t, files in data.leaked_test_files(a.data, a.test_sets).items():
             say(f"pretrain.py: warning: {len(files)} raw files of --data {a.data} are test cases of {t} (e.g. {files[0]}): "
                 f"rebuild the pretraining data with preprocess.py --format FMT --pretraining to leave them out")
-    spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * ctx.world))
+    spe = a.steps_per_epoch or max(1, len(train_cases) // (bp * ctx.world))
     total = a.steps or a.epochs * spe
     # warm-up in steps (tang) or in epochs (amaes); with --steps it shrinks with the run
     warmup = a.warmup_steps if a.warmup_steps is not None else round(total * (a.warmup_epochs or 0) / a.epochs)
@@ -277,8 +337,10 @@ def train(a):
     if ctx.master:
         (out / "samples").mkdir(exist_ok=True)
     say(describe(model))
-    say(f"recipe {a.recipe}: " + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe]))
-    say(f"{a.method}: {len(train_cases)} train / {len(val_cases)} validation volumes, {ctx.world} process(es) x batch {a.batch}, "
+    say(f"recipe {a.recipe}: " + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe])
+        + f" (batch {a.batch} {'in total over the processes' if a.batch_scope == 'total' else 'per process'})")
+    say(f"{a.method}: {len(train_cases)} train / {len(val_cases)} validation volumes, {ctx.world} process(es) x batch {bp} "
+        f"(--batch {a.batch} {'in total' if a.batch_scope == 'total' else 'per process'}), "
         f"patch {a.patch}^3, {total} steps ({spe} per epoch, warm-up {warmup}), {a.dtype} on {ctx.device.type}, aug {a.aug}")
 
     saved = ck["step"] if ck is not None else None  # the step of the last good checkpoint
@@ -322,7 +384,7 @@ def train(a):
     if step >= total:
         say(f"{out} is already finished ({step} of {total} steps)")
         return model
-    loader = make_loader(train_ds, a.batch, step, total - step, ctx, a.workers)
+    loader = make_loader(train_ds, bp, step, total - step, ctx, a.workers)
     meter = Interval(ctx, a.max_bad_steps, a.dtype == "fp16")
     net.train()
     for s, epoch, batch in steps(loader, step, total, spe, meter, a.quiet):
@@ -340,7 +402,7 @@ def train(a):
         if step % a.log_every == 0 or step == total or epoch_end or step % a.ckpt_every == 0:
             meter.check(log, out / "ckpt.pt", saved)  # skipped steps: logged, or too many in a row: stop
         if step % a.log_every == 0 or step == total:
-            log(dict(step=step, epoch=epoch, lr=lr, **meter.row(a.batch * ctx.world)))
+            log(dict(step=step, epoch=epoch, lr=lr, **meter.row(bp * ctx.world)))
         if epoch_end:
             v = validate()
             if v is not None:

@@ -142,6 +142,20 @@ def default_workers():
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1)
 
 
+def process_batch(batch, scope, world):
+    """Samples per process for --batch read as --batch-scope says: "process" (every process
+    loads `batch`: AMAES, Tang, BrainSegFounder) or "total" (split evenly over the processes,
+    as nnssl's total_batch_size and nnU-Net's plan batch size; where it does not divide,
+    nnssl gives ranks ceil(batch / world) and the last fewer, nnU-Net the first
+    batch % world one more: here it must divide)."""
+    if scope != "total":
+        return batch
+    if batch % world:
+        raise UserError(f"--batch {batch} is the total over {world} processes (--batch-scope total) and must divide by "
+                        f"{world}; give a multiple of {world}, or --batch-scope process")
+    return batch // world
+
+
 def make_loader(dataset, batch, start_step, steps, ctx, workers=None):
     """The run's one DataLoader: StepSampler order (data.py), so sample k is the same
     whatever the worker count, and a resumed run starts at its next step."""

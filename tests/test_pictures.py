@@ -99,7 +99,7 @@ def test_outlines_lie_on_the_boundaries_and_nowhere_else(tmp_path):
         assert np.array_equal(yellow, edge(r) & edge(p))
 
 
-@pytest.mark.parametrize("preset", ["all", "wald"])
+@pytest.mark.parametrize("preset", ["all", "wald", "nnunet"])
 def test_show_has_one_panel_per_row_that_differs_from_the_original(demo, tmp_path, preset):
     out = tmp_path / "show.png"
     assert data.main(["--show", str(demo / "preprocessed"), "--out", str(out), "--patch", "32",
@@ -108,7 +108,9 @@ def test_show_has_one_panel_per_row_that_differs_from_the_original(demo, tmp_pat
     got = read_png(out)
     assert np.array_equal(got, img)
     rows = data.preset_rows(preset)
-    assert names[1:-1] == rows and names[0].startswith("original") and names[-1].startswith("mask")
+    want = {"all": ["elastic", "rotation", "scale", *data.INTENSITY_ROWS], "wald": ["rotation", "scale", "mirror"],
+            "nnunet": ["rotation", "scale", "mirror", *data.NNUNET_ROWS]}[preset]
+    assert rows == want and names[1:-1] == rows and names[0].startswith("original") and names[-1].startswith("mask")
     assert len(origins) == len(rows) + 2 and all(len(o) == 4 for o in origins)
     n = 32 * pictures.auto_zoom((32,) * 3)
 

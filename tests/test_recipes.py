@@ -1,4 +1,4 @@
-"""The three papers' pretraining recipes (pretrain.py --recipe) and the finetuning
+"""The papers' pretraining recipes (pretrain.py --recipe) and the finetuning
 recipe of Wald et al., pinned to the published numbers; schedules against their
 formulas; the BrainSegFounder two-stage chain at toy size."""
 import json
@@ -25,7 +25,7 @@ def test_recipes_resolve_to_the_published_numbers():
     w = pretrain.get_args(["--recipe", "wald"])
     assert (w.method, w.arch, w.optimizer, w.lr, w.wd, w.schedule, w.epochs, w.steps_per_epoch, w.batch, w.patch, w.grad_clip,
             w.mask_token, w.mask_ratio_range, w.loss_on, w.aug, w.dtype) == \
-        ("mae", "resenc_l", "sgd", 1e-2, 3e-5, "poly", 1000, 250, 8, 160, 12.0, 16, [0.6, 0.9], "masked", "wald", "fp16")
+        ("mae", "resenc_l", "sgd", 1e-2, 3e-5, "poly", 1000, 250, 8, 160, 12.0, 16, [0.75, 0.75], "masked", "wald", "fp16")
     assert w.epochs * w.steps_per_epoch == 250_000
     # one flag overrides one number, the rest stays the recipe's
     o = pretrain.get_args(["--recipe", "wald", "--lr", "3e-3"])
@@ -69,7 +69,8 @@ def test_wald_optimiser_clip_and_per_batch_mask_ratio(demo, tmp_path, monkeypatc
     monkeypatch.setattr(pretrain, "make_optimizer", spy)
     run = tmp_path / "wald"
     assert pretrain.main(["--recipe", "wald", "--arch", "unet_b", "--patch", "32", "--batch", "2", "--steps", "6", "--workers", "0",
-                          "--quiet", "--val-fraction", "0", "--data", str(demo / "preprocessed"), "--out", str(run)]) == 0
+                          "--quiet", "--val-fraction", "0", "--data", str(demo / "preprocessed"), "--out", str(run),
+                          "--mask-ratio-range", "0.6", "0.9"]) == 0  # the SparK variant's per-batch ratio, as a flag
     g = seen["opt"].param_groups[0]
     assert isinstance(seen["opt"], torch.optim.SGD) and g["momentum"] == 0.99 and g["nesterov"] and g["weight_decay"] == 3e-5
     assert clips == [12.0] * 6
@@ -109,11 +110,11 @@ def test_brainsegfounder_two_stage_chain(demo, tmp_path, capsys):
     re-initialised; then finetuning that loads the whole encoder."""
     two = channels_copy(demo / "preprocessed", tmp_path / "two", 2, labelled=False)
     four = channels_copy(demo / "preprocessed", tmp_path / "four", 4)
-    ssl = ["--recipe", "tang", "--patch", "64", "--batch", "1", "--steps", "1", "--workers", "0", "--quiet", "--val-fraction", "0"]
-    assert pretrain.main(ssl + ["--data", str(two), "--out", str(tmp_path / "stage1")]) == 0
+    ssl = ["--patch", "64", "--batch", "1", "--steps", "1", "--workers", "0", "--quiet", "--val-fraction", "0"]
+    assert pretrain.main(["--recipe", "bsf1"] + ssl + ["--data", str(two), "--out", str(tmp_path / "stage1")]) == 0
     assert torch.load(tmp_path / "stage1" / "encoder.pt", weights_only=True)["in_channels"] == 2
     capsys.readouterr()
-    assert pretrain.main(ssl + ["--data", str(four), "--init", str(tmp_path / "stage1" / "ckpt.pt"), "--out", str(tmp_path / "stage2")]) == 0
+    assert pretrain.main(["--recipe", "bsf2"] + ssl + ["--data", str(four), "--init", str(tmp_path / "stage1" / "ckpt.pt"), "--out", str(tmp_path / "stage2")]) == 0
     said = capsys.readouterr().out
     reinit = said.split("re-initialised")[1]
     assert "encoder.patch_embed.proj.weight" in reinit and "decoder.conv.20.weight" in reinit  # stem and output: 2 -> 4 channels
@@ -128,13 +129,13 @@ def test_brainsegfounder_two_stage_chain(demo, tmp_path, capsys):
 def test_wald_finetuning_recipe_and_schedule():
     a = finetune.get_args(["--recipe", "wald", "--pretrained", "none"])
     assert (a.optimizer, a.lr, a.wd, a.schedule, a.warmup_epochs, a.epochs, a.steps_per_epoch, a.batch, a.patch, a.dice_background,
-            a.dice_smooth, a.grad_clip, a.tile_stem) == ("sgd", 1e-3, 3e-5, "warmup_poly", 50, 1000, 250, 2, 160, "exclude", 1e-5,
+            a.dice_smooth, a.grad_clip, a.tile_stem) == ("sgd", 1e-2, 3e-5, "warmup_poly", 50, 1000, 250, 2, 160, "exclude", 1e-5,
                                                          12.0, True)  # nnUNetTrainer clips at 12; PretrainedTrainer tiles the stem
-    total = 1000 * 250
+    total = 1000 * 250  # from scratch lr 1e-2 (PretrainedTrainer, use_pretrained_weights False); 1e-3 with weights
     for e in (0, 25, 49):  # Lin_incr_LRScheduler: max_lr / 50 * (1 + epoch)
-        assert finetune.lr_at(e * 250 + 3, 250, 1000, total, a) == pytest.approx(1e-3 / 50 * (1 + e))
+        assert finetune.lr_at(e * 250 + 3, 250, 1000, total, a) == pytest.approx(1e-2 / 50 * (1 + e))
     for e in (50, 400, 999):  # PolyLRScheduler_offset: (1 - (epoch - 50) / 950) ** 0.9
-        assert finetune.lr_at(e * 250, 250, 1000, total, a) == pytest.approx(1e-3 * (1 - (e - 50) / 950) ** 0.9)
+        assert finetune.lr_at(e * 250, 250, 1000, total, a) == pytest.approx(1e-2 * (1 - (e - 50) / 950) ** 0.9)
     b = finetune.get_args(["--pretrained", "none"])
     assert (b.optimizer, b.schedule, b.dice_background, b.grad_clip, b.tile_stem) == ("adamw", "cosine", "include", 0.0, False)
     assert finetune.get_args(["--recipe", "wald", "--pretrained", "none", "--no-tile-stem"]).tile_stem is False
