@@ -100,15 +100,18 @@ def read_dataset(root):
     return ds
 
 
-def check_finite(root, cases):
-    """ValueError naming the cases whose preprocessed image holds NaN or
-    inf: one read of each, before the first step, instead of steps skipped later for
-    a non-finite loss (padding with a NaN volume's minimum spreads the NaN)."""
+def check_finite(root, cases, share=list):
+    """ValueError naming the cases whose preprocessed image holds NaN or inf: one read
+    of each, before the first step, instead of steps skipped later for a non-finite
+    loss (padding with a NaN volume's minimum spreads the NaN). share(bad cases) -> all
+    of them: the processes of a distributed run each check their share of the cases
+    and pool what they found (training.gather), so every one stops alike."""
     bad = []
     for case in cases:
         x = np.load(Path(root, "images", f"{case}.npy"), mmap_mode="r")
         if not all(np.isfinite(x[c]).all() for c in range(x.shape[0])):  # a channel at a time: little memory
             bad.append(case)
+    bad = share(bad)
     if bad:
         raise ValueError(f"{root}: the preprocessed image of {len(bad)} case(s) holds NaN or inf values ({', '.join(bad[:5])}"
                          f"{' ...' if len(bad) > 5 else ''}); preprocess them again (preprocess.py --overwrite) or remove "

@@ -52,7 +52,7 @@ from evaluate import sliding_window
 import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import ArgumentParser, save_json
-from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases, check_run_flags, guarded_step,
+from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases, check_run_flags, gather, guarded_step,
                       load_pretrained_file, make_loader, make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 
@@ -227,7 +227,7 @@ def train(a):
         val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, a.val_cases, replace=False).tolist()) if a.val_cases else []
         check_resumed_cases(ck, a.data, chosen, val_cases)
         if not a.no_preflight:
-            data.check_finite(a.data, chosen + val_cases)
+            data.check_finite(a.data, (chosen + val_cases)[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))
         ignore = ds_json.get("ignore_label")  # e.g. WMH's "other pathology": no class, no loss
         values = [int(v) for v in ds_json["label_values"] if v != ignore]  # e.g. BraTS [0, 1, 2, 3]: class k is values[k]
         regions = ds_json.get("training_regions")  # nnU-Net region labels: one sigmoid output per region

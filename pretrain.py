@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import data
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import ArgumentParser, write_atomic
-from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
+from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases, check_run_flags, gather, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
                       precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 METHODS = ("amaes", "mae", "swin_ssl")
@@ -235,7 +235,7 @@ def train(a):
         train_cases = [c for c in cases if c not in val_cases]
         check_resumed_cases(ck, a.data, train_cases, val_cases)
         if not a.no_preflight and (ck is None or "data" in a.given):  # one read of every volume: at the start only
-            data.check_finite(a.data, cases)
+            data.check_finite(a.data, cases[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))  # a share each
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp])
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None

@@ -133,6 +133,15 @@ def all_sum(ctx, *xs):
     return t.tolist()
 
 
+def gather(ctx, items):
+    """Every process's list `items`, joined in rank order, on every process."""
+    if ctx.world == 1:
+        return list(items)
+    parts = [None] * ctx.world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def default_workers():
     """DataLoader workers per process: the cores this process may use (its CPU
     affinity, shared by the local processes), minus one for the training loop."""

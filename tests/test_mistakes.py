@@ -187,6 +187,23 @@ def test_a_non_finite_volume_is_named_before_the_first_step(demo, tmp_path, caps
     assert case in one_line(capsys.readouterr().err)
 
 
+def test_a_non_finite_volume_in_a_distributed_run(demo, tmp_path):
+    """Each process checks its share; the one that finds the case tells all, so both stop."""
+    bad = copy_dataset(demo, tmp_path / "bad")
+    cases = sorted(data.case_names(bad, "train")) or sorted(data.case_names(bad))
+    case = cases[1]  # in rank 1's share (cases[1::2])
+    x = np.load(bad / "images" / f"{case}.npy")
+    x[0, 5, 5, 5] = np.inf
+    np.save(bad / "images" / f"{case}.npy", x)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "pretrain.py"] + \
+        TINY + ["--data", str(bad), "--out", str(tmp_path / "p"), "--steps", "1"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    said = [ln for ln in r.stderr.splitlines() if ln.startswith("pretrain.py: error:")]  # rank 0 alone says it
+    assert r.returncode != 0 and len(said) == 1 and case in said[0] and "holds NaN or inf" in said[0], r.stderr[-2000:]
+    assert r.stderr.count("exitcode  : 2") == 2  # both processes stopped as for a user error (torchrun's report below)
+
+
 # -----------------------------------------------------------------------------
 # User errors: one line, exit 2
 
