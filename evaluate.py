@@ -511,7 +511,7 @@ def report(paths, out):
     label / region, the mean and (population) std over the runs (seeds) of each run's
     case-mean Dice. A metrics.json reached by two names counts once. Writes
     out/report.md and out/report.csv."""
-    runs, seen = [], set()
+    runs, seen, scored = [], set(), {}
     for p in map(Path, paths):
         f = next((c for c in (p / "metrics.json", p / "eval" / "metrics.json") if c.exists()), None)
         if f is None:
@@ -521,6 +521,12 @@ def report(paths, out):
             continue
         seen.add(f.resolve())
         m = json.loads(f.read_text())
+        same = json.dumps([m.get("run"), Path(m.get("checkpoint") or "").name, m.get("metric_set"), m.get("split"),
+                           m.get("data"), m.get("settings")]) if Path(m.get("run") or "").is_absolute() else None
+        if same is not None and same in scored:  # one run evaluated twice alike (into two --out folders): counted once
+            print(f"report: {f} scores the same run as {scored[same]} alike; counted once", file=sys.stderr)
+            continue
+        scored.setdefault(same, f)
         scratch = m.get("pretrained") in (None, "none")
         key = (m.get("dataset") or "dataset", m.get("metric_set") or "challenge", m.get("arch", "?"),
                "scratch" if scratch else "pretrained", "" if scratch else str(m.get("pretrained_file") or m["pretrained"]),
@@ -674,7 +680,7 @@ def main(argv=None):
         except (preprocess.CaseError, OSError, ValueError) as e:
             failed.append({"case": case, "reason": str(e)})
             print(f"FAILED {case}: {e}")
-    result = {"run": str(run), "checkpoint": str(path), "split": None if a.images else a.split, "cases": rows, "failed": failed,
+    result = {"run": str(run.resolve()), "checkpoint": str(path), "split": None if a.images else a.split, "cases": rows, "failed": failed,
               "settings": {"overlap": a.overlap, "blend": a.blend, "tta": a.tta}, "dataset": ds.get("name"),
               "arch": info["arch"], "pretrained": info.get("pretrained"), "seed": info.get("seed"),
               "n_train": info.get("n_train"), "recipe": info.get("recipe"),

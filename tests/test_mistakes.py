@@ -129,6 +129,16 @@ def test_report_keeps_configurations_apart_and_counts_a_run_once(tmp_path, capsy
     assert "differ in more than the seed" in captured.err and "lr 0.01" in captured.err
 
 
+def test_report_counts_a_run_evaluated_twice_once(ft, tmp_path, capsys):
+    assert evaluate.main(["--run", str(ft), "--out", str(tmp_path / "e1"), "--quiet"]) == 0
+    assert evaluate.main(["--run", str(ft), "--out", str(tmp_path / "e2"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--report", str(tmp_path / "e1"), str(tmp_path / "e2"), "--out", str(tmp_path / "rep")]) == 0
+    assert "counted once" in capsys.readouterr().err
+    rows = list(__import__("csv").DictReader(open(tmp_path / "rep" / "report.csv")))
+    assert rows and all(r["runs"] == "1" for r in rows)
+
+
 def test_report_says_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert evaluate.main(["--report", str(write_eval(tmp_path / "r", 0.5)), "--out", str(tmp_path / "rep")]) == 0
@@ -263,6 +273,8 @@ def test_models_convert_mistakes(pre, tmp_path):
     r = models_convert(pre / "encoder.pt", tmp_path / "missing" / "enc.pt")
     line = one_line(r.stderr)
     assert r.returncode == 2 and "does not exist" in line and str(tmp_path / "missing") in line and "encoder.pt:" not in line
+    r = models_convert(pre / "encoder.pt", tmp_path / "enc.pt")  # and the right way round still works
+    assert r.returncode == 0 and (tmp_path / "enc.pt").exists(), r.stderr
     r = subprocess.run([sys.executable, "models.py", "convrt", "a", "b"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--help" in one_line(r.stderr)
 
