@@ -599,6 +599,8 @@ def main(argv=None):
     a = get_args(argv)
     if a.report:
         try:
+            if preprocess.unwritable(a.out):
+                raise ValueError(f"--out {a.out}: {preprocess.unwritable(a.out)}; choose another --out")
             report(a.report, a.out)
             return 0
         except ValueError as e:

@@ -228,7 +228,8 @@ def test_read_only_output_folder(demo, ft, tmp_path, monkeypatch, capsys):
                                                                         "none", "--out", str(ro / "run"), "--steps", "1"])),
                          ("evaluate.py", lambda: evaluate.main(["--run", str(ft), "--out", str(ro / "eval"), "--quiet"])),
                          ("preprocess.py", lambda: preprocess.main(["--input", str(demo / "raw"), "--output", str(ro / "p"),
-                                                                    "--quiet"]))):
+                                                                    "--quiet"])),
+                         ("evaluate.py", lambda: evaluate.main(["--report", str(ft), "--out", str(ro / "rep")]))):
         assert call() == 2, script
         line = one_line(capsys.readouterr().err)
         assert line.startswith(f"{script}: error: --out") or line.startswith(f"{script}: error: --output"), line
