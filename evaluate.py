@@ -122,12 +122,15 @@ def load_model(path, device="cpu"):
         if path.name == "best.pt" and path.with_name("ckpt.pt").exists():
             raise FileNotFoundError(f"{path.parent} has no best.pt: it was trained without --val-cases (no validation, "
                                     "no best weights); evaluate its last weights: leave out --checkpoint best")
-        if (path.parent / "encoder.pt").exists():
-            raise FileNotFoundError(f"{path.parent} is a pretrain.py run: finetune its encoder.pt first (finetune.py "
-                                    f"--pretrained {path.parent / 'encoder.pt'}), then evaluate that run")
         raise FileNotFoundError(f"{path} does not exist; is --run a finetune.py run folder?")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a finetune.py checkpoint ({type(e).__name__})") from None
+    if isinstance(ck, dict) and "label_values" not in ck and "method" in (ck.get("args") or {}):
+        raise ValueError(f"{path.parent} is a pretrain.py run: finetune its encoder.pt first (finetune.py "
+                         f"--pretrained {path.parent / 'encoder.pt'}), then evaluate that run")
+    try:
         model = build_model(ck["arch"], ck["in_channels"], ck.get("n_outputs", len(ck["label_values"])), decoder=ck.get("decoder"),
                             legacy_merge=ck.get("legacy_merge", False))
         model.load_state_dict(ck["model"])
@@ -644,7 +647,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, UserError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"evaluate.py: run {run}, checkpoint {path} (step {info.get('step')}), "
+    print(f"evaluate.py: run {run}, weights from {path} (step {info.get('step')}), "
           + (f"images {a.images}" if a.images else f"data {a.data} ({ds.get('name')}, split {a.split})")
           + f": {len(cases)} case(s) -> {a.out}")
     if note:

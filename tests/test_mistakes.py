@@ -343,6 +343,12 @@ def test_evaluate_best_of_a_run_without_validation(ft, capsys):
     assert "has no best.pt: it was trained without --val-cases" in line and "run folder" not in line
 
 
+def test_evaluate_a_pretraining_run(pre, capsys):
+    assert evaluate.main(["--run", str(pre), "--quiet"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "is a pretrain.py run: finetune its encoder.pt first" in line
+
+
 # -----------------------------------------------------------------------------
 # args.json keeps the first invocation
 
