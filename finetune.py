@@ -221,10 +221,11 @@ def train(a):
         pool = sorted(c["case"] for c in ds_json["cases"] if c["split"] == "train")
         chosen = data.select_few_shot(pool, a.n_train, a.seed)
         rest = [c for c in pool if c not in chosen]
-        if a.val_cases > len(rest):
+        if a.val_cases > len(rest) and ck is None:  # (a run started before this check resumes with what it had)
             raise UserError(f"--val-cases {a.val_cases}: only {len(rest)} train case(s) are left after --n-train {a.n_train} "
                             f"of {len(pool)}; choose --val-cases {len(rest)} or fewer, or a smaller --n-train")
-        val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, a.val_cases, replace=False).tolist()) if a.val_cases else []
+        n_val = min(a.val_cases, len(rest))
+        val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, n_val, replace=False).tolist()) if n_val else []
         check_resumed_cases(ck, a.data, chosen, val_cases)
         if not a.no_preflight:
             data.check_finite(a.data, (chosen + val_cases)[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))
