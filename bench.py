@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import pictures
 import training
+from preprocess import ArgumentParser
 from models import ARCHS, build_model, patch_rule
 
 
@@ -264,9 +265,8 @@ def bench_pictures(a):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bench.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
     for name, text in (("models", "forward + backward of each arch: ms/step, samples/s, peak memory, TFLOP/s"),
                        ("train", "whole pretrain.py steps (data + model): samples/s, data-wait share, peak memory")):
         m = sub.add_parser(name, help=text)
@@ -274,9 +274,9 @@ def get_args(argv=None):
                        choices=list(ARCHS), help="architectures (default: all for models, unet_b unet_xl for train)")
         m.add_argument("--patch", type=int, default=128, help="patch side (default 128)")
         m.add_argument("--batch", type=int, default=8, help="batch (default 8)")
-        m.add_argument("--dtype", default="bf16" if auto_device == "cuda" else "fp32", choices=("bf16", "fp16", "fp32"),
-                       help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
-        m.add_argument("--device", default=auto_device, choices=("cuda", "cpu"), help=f"default {auto_device}")
+        m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                       help="autocast dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+        m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
         if name == "models":
             m.add_argument("--modes", nargs="+", default=["pretrain", "seg"], choices=("pretrain", "seg"), help="forms (default both)")
             m.add_argument("--checkpointing", action="store_true", help="with activation checkpointing")
@@ -286,14 +286,16 @@ def get_args(argv=None):
             m.add_argument("--method", default="amaes", choices=("amaes", "mae", "swin_ssl"), help="pretraining method (default amaes)")
             m.add_argument("--steps", type=int, default=40, help="steps of the run (default 40)")
             m.add_argument("--log-every", type=int, default=10, help="steps per timed interval (default 10)")
-            m.add_argument("--workers", type=int, help="DataLoader workers (default: pretrain.py's)")
+            m.add_argument("--workers", type=int, help="DataLoader worker processes of the pretrain.py run, 0 = read in "
+                           "the training process (default: pretrain.py's)")
             m.add_argument("--compile", action="store_true", help="torch.compile the model")
     d = sub.add_parser("data", help="data pipeline: samples/s per preset and worker count, masking cost")
     d.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
     d.add_argument("--patch", type=int, default=128, help="patch side (default 128)")
     d.add_argument("--batch", type=int, default=8, help="batch for the loader and masking runs (default 8)")
     d.add_argument("--presets", nargs="+", default=list(data.PRESETS), choices=data.PRESETS, help="presets to time")
-    d.add_argument("--workers", type=int, nargs="+", default=[1], help="DataLoader worker counts to time (1 = in-process only)")
+    d.add_argument("--workers", type=int, nargs="+", default=[1], help="DataLoader worker process counts to time the "
+                   "TorchIO driver with (default 1; the batched path is timed in this process)")
     d.add_argument("--samples", type=int, default=16, help="samples per timed run and per worker (default 16)")
     d.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default 3)")
     d.add_argument("--authors", action="store_true", help="also time the authors' Yucca transforms (needs pip install yucca==1.1.7)")
@@ -311,8 +313,11 @@ def get_args(argv=None):
         p.error("--patch >= 16; --batch, --repeats, --steps >= 1")
     if a.what == "data" and (a.samples < 1 or min(a.workers) < 1):
         p.error("--samples and --workers >= 1")
-    if a.what in ("models", "train") and a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
+    if a.what in ("models", "train"):
+        if a.device == "cuda" and not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible")
+        a.device = a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        a.dtype = a.dtype if a.dtype != "auto" else "bf16" if a.device == "cuda" else "fp32"
     return a
 
 
@@ -322,7 +327,7 @@ def main(argv=None):
         rows = {"models": bench_models, "data": bench_data, "train": bench_train, "preprocess": bench_preprocess,
                 "pictures": bench_pictures}[a.what](a)
     except (FileNotFoundError, ValueError) as e:
-        print(f"bench.py: {e}", file=sys.stderr)
+        print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     print(f"\n{'benchmark':48s} {'median':>10s} {'min..max':>18s}  {'unit':10s} other")
     for r in rows:

@@ -105,13 +105,40 @@ def read_dataset(root):
     """dataset.json of a preprocessed folder, with a clear error when it is not one."""
     root = Path(root)
     f = root / "dataset.json"
+    raw = (root / "imagesTr").is_dir() or any(root.glob("*.nii*"))
+    if raw and not (root / "images").is_dir():  # an nnU-Net raw dataset has a dataset.json of its own
+        raise ValueError(f"{root} is raw data, not a preprocessed dataset: preprocess it first "
+                         f"(python preprocess.py --input {root} --output OUT), then give --data OUT")
     if not f.exists():
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder, so no dataset.json; give the preprocessed dataset (--data OUT "
+                                    "of preprocess.py --output OUT)")
         raise FileNotFoundError(f"{root} is not a preprocessed dataset (no dataset.json); "
                                 "run preprocess.py --input RAW --output " + str(root) + " first")
     ds = json.loads(f.read_text())
-    if not ds.get("cases"):
-        raise ValueError(f"{f} lists no usable cases; see {root / 'failed.json'}")
+    if "cases" not in ds:
+        raise ValueError(f"{f} is not preprocess.py's dataset.json (no case list); preprocess the raw data first")
+    if not ds["cases"]:
+        raise ValueError(f"{f} lists no usable cases" + (f"; see {root / 'failed.json'}" if (root / "failed.json").exists() else ""))
     return ds
+
+
+def check_finite(root, cases, share=list):
+    """ValueError naming the cases whose preprocessed image holds NaN or inf: one read
+    of each, before the first step, instead of steps skipped later for a non-finite
+    loss (padding with a NaN volume's minimum spreads the NaN). share(bad cases) -> all
+    of them: the processes of a distributed run each check their share of the cases
+    and pool what they found (training.gather), so every one stops alike."""
+    bad = []
+    for case in cases:
+        x = np.load(Path(root, "images", f"{case}.npy"), mmap_mode="r")
+        if not all(np.isfinite(x[c]).all() for c in range(x.shape[0])):  # a channel at a time: little memory
+            bad.append(case)
+    bad = share(bad)
+    if bad:
+        raise ValueError(f"{root}: the preprocessed image of {len(bad)} case(s) holds NaN or inf values ({', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}); preprocess them again (preprocess.py --overwrite) or remove "
+                         "them from dataset.json")
 
 
 def leaked_test_files(root, test_roots):
@@ -1338,8 +1365,8 @@ def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_
 
 
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="See the augmentation recipe: one case through each row of a preset, "
+    from preprocess import ArgumentParser  # one-line flag errors, as every script's
+    p = ArgumentParser(description="See the augmentation recipe: one case through each row of a preset, "
                                 "then the AMAES mask, as one PNG grid with the row names.")
     p.add_argument("--show", required=True, metavar="DATA", help="preprocessed dataset (preprocess.py output)")
     p.add_argument("--out", default="recipe.png", help="PNG to write (default recipe.png)")

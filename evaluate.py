@@ -1,7 +1,7 @@
 """
 Sliding-window inference, metrics in native space, and predictions as NIfTI.
 
-    python evaluate.py --run FT --data OUT --out FT/eval [--split test]
+    python evaluate.py --run FT [--split test]                        # FT's own dataset (its args.json), into FT/eval
     python evaluate.py --run FT --images NEW_SCANS --out FT/new      # raw NIfTI, never preprocessed
 
 For each case, as the authors' Yucca predicts: sliding-window inference over the whole
@@ -144,9 +144,18 @@ def load_model(path, device="cpu"):
     facts: {"arch", "in_channels", "label_values", "patch", "decoder", ...}."""
     path = Path(path)
     if not path.exists():
+        if path.name == "best.pt" and path.with_name("ckpt.pt").exists():
+            raise FileNotFoundError(f"{path.parent} has no best.pt: it was trained without --val-cases (no validation, "
+                                    "no best weights); evaluate its last weights: leave out --checkpoint best")
         raise FileNotFoundError(f"{path} does not exist; is --run a finetune.py run folder?")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a finetune.py checkpoint ({type(e).__name__})") from None
+    if isinstance(ck, dict) and "label_values" not in ck and "method" in (ck.get("args") or {}):
+        raise ValueError(f"{path.parent} is a pretrain.py run: finetune its encoder.pt first (finetune.py "
+                         f"--pretrained {path.parent / 'encoder.pt'}), then evaluate that run")
+    try:
         model = build_model(ck["arch"], ck["in_channels"], ck.get("n_outputs", len(ck["label_values"])), decoder=ck.get("decoder"),
                             legacy_merge=ck.get("legacy_merge", False))
         model.load_state_dict(ck["model"])
@@ -486,7 +495,7 @@ def report_page(out, rows, evals):
     Dice first) linking to its index.html by relative path."""
     body = ["<h2>Dice, mean +- std over runs</h2>",
             pictures.table(["dataset", "metric set", "arch", "init", "from", "recipe", "n-train", "runs", "region",
-                            "dice mean", "dice std"], rows), "<h2>Evaluations</h2>"]
+                            "dice mean", "dice std", "differs in"], rows), "<h2>Evaluations</h2>"]
     lines = []
     for key, folder, m in evals:
         dice = [s["dice"]["mean"] for s in m.get("summary", {}).values() if s.get("dice", {}).get("mean") is not None]
@@ -501,15 +510,19 @@ def report_page(out, rows, evals):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = preprocess.ArgumentParser(prog="evaluate.py", description=__doc__.strip(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="finetune.py run folder (reads its ckpt.pt, or best.pt)")
     p.add_argument("--report", nargs="+", metavar="EVAL", help="instead of evaluating: gather finished evaluations (RUN, "
-                   "RUN/eval or any folder with metrics.json; shell globs welcome) into one table per dataset -- rows: arch "
-                   "x pretrained / from scratch, columns: Dice per region, mean +- std over runs (seeds) -- as Markdown and "
-                   "CSV in --out (default report/), and a bar plot PNG when matplotlib is installed")
+                   "RUN/eval or any folder with metrics.json; shell globs welcome) into one table per dataset and metric set -- "
+                   "a row per configuration (arch, initialisation file, recipe, n-train; runs that differ in any other "
+                   "flag or evaluation setting get rows of their own), a run counted once however it is named; columns: "
+                   "Dice per region, mean +- std over runs (seeds) -- as Markdown and CSV in --out (default report/), and "
+                   "a bar plot PNG when matplotlib is installed")
     p.add_argument("--checkpoint", default="last", choices=("last", "best"), help="the last weights (default, as the authors) "
                    "or best.pt of a run with --val-cases (model selection on extra labelled cases: not the paper's protocol)")
-    p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (default demo/preprocessed)")
+    p.add_argument("--data", help="preprocessed dataset (default: the run's own, from its checkpoint / args.json; "
+                   "another one is scored with a note saying so)")
     p.add_argument("--split", default="test", choices=("test", "train", "all"), help="cases to evaluate (default test)")
     p.add_argument("--images", help="folder of raw NIfTI to segment instead of --data (predictions only)")
     p.add_argument("--raw-root", help="where the raw dataset given to preprocess.py --input is now, if it moved "
@@ -546,6 +559,30 @@ def get_args(argv=None):
     return a
 
 
+def run_args(run):
+    """The run's args.json (the first invocation, with "resumes"), or {}."""
+    f = Path(run, "args.json")
+    try:
+        return json.loads(f.read_text()) if f.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def run_data(run, info):
+    """The preprocessed dataset the run trained on, where it is now: the checkpoint's
+    record (resolved), else args.json's --data (a resume's new --data first); None when
+    the run records none. FileNotFoundError when none of those folders exists any more."""
+    args = run_args(run)
+    given = [r["given"]["data"] for r in reversed(args.get("resumes", [])) if "data" in r.get("given", {})]
+    known = [d for d in [info.get("data"), *given, args.get("data"), (info.get("args") or {}).get("data")] if d]
+    if not known:
+        return None
+    found = next((d for d in known if Path(d, "dataset.json").exists()), None)
+    if found is None:
+        raise FileNotFoundError(f"the run's dataset {known[0]} is not there any more; give --data where it is now")
+    return found
+
+
 def print_table(summary, rule_text, names=None):
     """The summary as a table; with the authors' metrics, Dice, Jaccard, sensitivity and
     precision per label (names: label value -> name, shown beside the value)."""
@@ -562,6 +599,20 @@ def print_table(summary, rule_text, names=None):
     print(f"Metrics: {rule_text}.")
 
 
+# training flags that say where and how a run ran, not what it computed; with the seed
+# (what the report averages over) and the configuration's own columns
+PLUMBING = {"out", "data", "resume", "given", "resumes", "workers", "compile", "log_every", "ckpt_every", "checkpointing",
+            "quiet", "device", "no_preflight", "aug_on", "max_bad_steps", "seed", "pretrained", "arch", "recipe", "n_train"}
+
+
+def run_setup(m):
+    """What else decides an evaluated run's numbers: its training flags (metrics.json's
+    train_args), the checkpoint (last / best), the split and the evaluation settings."""
+    t = {k: v for k, v in (m.get("train_args") or {}).items() if k not in PLUMBING}
+    return dict(t, checkpoint=Path(m.get("checkpoint") or "ckpt.pt").name, split=m.get("split"),
+                **{f"eval_{k}": v for k, v in (m.get("settings") or {}).items()})
+
+
 def report(paths, out, html_page=True):
     """The Table-2-style comparison: finished evaluations grouped by configuration --
     (dataset, metric set, arch, pretrained or from scratch, the initialisation file,
@@ -570,7 +621,7 @@ def report(paths, out, html_page=True):
     case-mean Dice. A metrics.json reached by two names counts once. Writes
     out/report.md, out/report.csv and out/report.html (the table, then each
     evaluation with a link to its page)."""
-    runs, seen, evals = [], set(), []
+    runs, seen, scored, evals = [], set(), {}, []
     for p in map(Path, paths):
         f = next((c for c in (p / "metrics.json", p / "eval" / "metrics.json") if c.exists()), None)
         if f is None:
@@ -580,24 +631,43 @@ def report(paths, out, html_page=True):
             continue
         seen.add(f.resolve())
         m = json.loads(f.read_text())
+        same = json.dumps([m.get("run"), Path(m.get("checkpoint") or "").name, m.get("metric_set"), m.get("split"),
+                           m.get("data"), m.get("settings")]) if Path(m.get("run") or "").is_absolute() else None
+        if same is not None and same in scored:  # one run evaluated twice alike (into two --out folders): counted once
+            print(f"report: {f} scores the same run as {scored[same]} alike; counted once", file=sys.stderr)
+            continue
+        scored.setdefault(same, f)
         scratch = m.get("pretrained") in (None, "none")
         key = (m.get("dataset") or "dataset", m.get("metric_set") or "challenge", m.get("arch", "?"),
-               "scratch" if scratch else "pretrained", "" if scratch else str(m["pretrained"]), str(m.get("recipe") or ""),
-               str(m.get("n_train") or ""))
-        runs.append((key, m))
+               "scratch" if scratch else "pretrained", "" if scratch else str(m.get("pretrained_file") or m["pretrained"]),
+               str(m.get("recipe") or ""), str(m.get("n_train") or ""))
+        runs.append((key, m, f))
         evals.append((key, f.parent, m))
     if not runs:
         raise ValueError("no finished evaluation among the folders given")
-    groups = {}
-    for key, m in runs:
-        groups.setdefault(key, []).append(m)
+    # runs of one configuration that differ in anything else (a training flag, the
+    # checkpoint, the split, the evaluation settings) are rows of their own, not averaged
+    setups = {}
+    for key, m, f in runs:
+        setups.setdefault(key, []).append(run_setup(m))
+    groups, differs = {}, {}
+    for key, m, f in runs:
+        names = sorted({k for st in setups[key] for k in st if len({json.dumps(x.get(k)) for x in setups[key]}) > 1})
+        variant = ", ".join(f"{k} {run_setup(m).get(k)}" for k in names)
+        if variant:
+            differs.setdefault(key, set()).add(variant)
+        groups.setdefault(key + (variant,), []).append(m)
+    for key, vs in differs.items():
+        print(f"report: runs of {' / '.join(k for k in key[2:] if k)} differ in more than the seed, so they are not "
+              f"averaged together: " + " | ".join(sorted(vs)), file=sys.stderr)
     lines, rows = [], []
     for ds, mset in sorted({k[:2] for k in groups}):
         keys = sorted(k for k in groups if k[:2] == (ds, mset))
         regions = list(dict.fromkeys(r for k in keys for m in groups[k] for r in m["summary"]))
+        extra = any(k[7] for k in keys)  # a column naming what sets runs of one configuration apart
         lines += [f"### {ds}, {mset} metrics (Dice, mean +- std over runs)", "",
-                  "| arch | init | from | recipe | n-train | runs | " + " | ".join(regions) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(regions)]
+                  "| arch | init | from | recipe | n-train | runs | " + " | ".join(regions) + " |" + (" differs in |" if extra else ""),
+                  "|---|---|---|---|---|---|" + "---|" * (len(regions) + extra)]
         for k in keys:
             cells = []
             for r in regions:
@@ -605,9 +675,9 @@ def report(paths, out, html_page=True):
                                  if r in m["summary"] and m["summary"][r]["dice"]["mean"] is not None], float)
                 mean, std = (float(vals.mean()), float(vals.std())) if len(vals) else (float("nan"), float("nan"))
                 cells.append(f"{mean:.4f} +- {std:.4f}")
-                rows.append([ds, mset, k[2], k[3], k[4], k[5], k[6], len(groups[k]), r, mean, std])
+                rows.append([ds, mset, k[2], k[3], k[4], k[5], k[6], len(groups[k]), r, mean, std, k[7]])
             lines.append(f"| {k[2]} | {k[3]} | {k[4] or '-'} | {k[5] or '-'} | {k[6] or '-'} | {len(groups[k])} | "
-                         + " | ".join(cells) + " |")
+                         + " | ".join(cells) + " |" + (f" {k[7] or '-'} |" if extra else ""))
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     preprocess.write_atomic(out / "report.md", lambda p: p.write_text("\n".join(lines)))
@@ -616,7 +686,7 @@ def report(paths, out, html_page=True):
         with open(p, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["dataset", "metric_set", "arch", "init", "from", "recipe", "n_train", "runs", "region", "dice_mean",
-                        "dice_std"])
+                        "dice_std", "differs_in"])
             w.writerows(rows)
     preprocess.write_atomic(out / "report.csv", write_csv)
     if html_page:
@@ -632,7 +702,7 @@ def report(paths, out, html_page=True):
         fig.tight_layout()
         fig.savefig(out / "report.png", dpi=120)
     except ImportError:
-        pass
+        print("report: no report.png: matplotlib is not installed (pip install matplotlib for the bar plot)", file=sys.stderr)
     print("\n".join(lines))
     print(f"{out / 'report.md'}, {out / 'report.csv'}" + (f", {out / 'report.html'}" if html_page else ""))
     return rows
@@ -642,6 +712,8 @@ def main(argv=None):
     a = get_args(argv)
     if a.report:
         try:
+            if preprocess.unwritable(a.out):
+                raise ValueError(f"--out {a.out}: {preprocess.unwritable(a.out)}; choose another --out")
             report(a.report, a.out, not a.no_pictures)
             return 0
         except ValueError as e:
@@ -660,6 +732,16 @@ def main(argv=None):
         if said:
             print("evaluate.py: " + "; ".join(said))
         _, autocast = autocast_for(device, a.dtype)
+        note = None
+        if not a.images:  # the run's own dataset unless --data says otherwise, and then a note says so
+            own = run_data(run, info)
+            if a.data is None and own is None:
+                raise ValueError(f"{run} does not record its dataset (no args.json); give --data")
+            if a.data is not None and own is not None and Path(a.data).resolve() != Path(own).resolve():
+                note = f"evaluate.py: note: --data {a.data} is not the dataset the run trained on ({own}); scoring {a.data}"
+            a.data = a.data or own
+        if preprocess.unwritable(a.out):
+            raise ValueError(f"--out {a.out}: {preprocess.unwritable(a.out)}; choose another --out")
         ds = json.loads(Path(a.data, "dataset.json").read_text()) if not a.images and Path(a.data, "dataset.json").exists() else {}
         names = ds.get("label_names") or info.get("label_names") or {}
         if a.metrics == "authors":  # the keys are the label values and "all", as the authors' results.json
@@ -682,9 +764,13 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, UserError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    print(f"evaluate.py: run {run}, weights from {path} (step {info.get('step')}), "
+          + (f"images {a.images}" if a.images else f"data {a.data} ({ds.get('name')}, split {a.split})")
+          + f": {len(cases)} case(s) -> {a.out}")
+    if note:
+        print(note)
     (a.out / "predictions").mkdir(parents=True, exist_ok=True)
-    print(f"{info['arch']} from {path} (step {info.get('step')}), {len(cases)} case(s), patch {info['patch']}, "
-          f"overlap {a.overlap}, blend {a.blend}{', tta' if a.tta else ''} -> {a.out}")
+    print(f"{info['arch']}, patch {info['patch']}, overlap {a.overlap}, blend {a.blend}{', tta' if a.tta else ''}")
     rows, failed = [], [{"case": c, "reason": r} for c, r in bad]
     for c, r in bad:
         print(f"FAILED {c}: {r}")
@@ -721,10 +807,12 @@ def main(argv=None):
         except (preprocess.CaseError, OSError, ValueError) as e:
             failed.append({"case": case, "reason": str(e)})
             print(f"FAILED {case}: {e}")
-    result = {"run": str(run), "checkpoint": str(path), "split": None if a.images else a.split, "cases": rows, "failed": failed,
+    result = {"run": str(run.resolve()), "checkpoint": str(path), "split": None if a.images else a.split, "cases": rows, "failed": failed,
               "settings": {"overlap": a.overlap, "blend": a.blend, "tta": a.tta}, "dataset": ds.get("name"),
               "arch": info["arch"], "pretrained": info.get("pretrained"), "seed": info.get("seed"),
-              "n_train": info.get("n_train"), "recipe": info.get("recipe"), "data": str(Path(a.data).resolve()),
+              "n_train": info.get("n_train"), "recipe": info.get("recipe"),
+              "data": None if a.images else str(Path(a.data).resolve()), "pretrained_file": info.get("pretrained_file"),
+              "train_args": {k: v for k, v in (info.get("args") or run_args(run)).items() if k != "resumes"},
               "metric_set": a.metrics, "regions": regions, "label_names": names, "rules": rules, "rule_text": rule_text}
     if rows:
         result["summary"] = authors_summary(rows, list(regions)) if a.metrics == "authors" else summarise(rows, list(regions))

@@ -52,6 +52,7 @@ cases out for validation Dice (sliding window over each held-out volume, every
 """
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -64,8 +65,9 @@ import pictures
 from evaluate import sliding_window
 import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
-from preprocess import save_json
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, guarded_step,
+from preprocess import ArgumentParser, save_json
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases,
+                      check_run_flags, gather, guarded_step,
                       load_pretrained_file, make_loader, make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 
@@ -92,7 +94,7 @@ RECIPES = {
 
 def get_args(argv=None):
     """Parsed flags, checked; a.given holds the flags whose value is not the default."""
-    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="finetune.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), help="network (default: the one in --pretrained, else unet_b)")
     p.add_argument("--decoder", choices=("unet", "native"), help="MedNeXt only: U-Net decoder (default, the paper) or MedNeXt's own")
     p.add_argument("--data", default="demo/preprocessed", help="preprocessed labelled dataset (default demo/preprocessed)")
@@ -154,6 +156,8 @@ def get_args(argv=None):
         if k != "lr_scratch" and getattr(a, k) is None:
             setattr(a, k, RECIPES[a.recipe]["lr_scratch"] if k == "lr" and a.pretrained == "none" else v)
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every"))
+    if not a.lr >= 0 or not a.wd >= 0:  # NaN too; 0 is allowed (a frozen run, as the tests' exact-transfer check)
+        p.error(f"--lr and --wd must be >= 0 (got --lr {a.lr:g}, --wd {a.wd:g})")
     a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
     a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --pretrained (Tang / BrainSegFounder weights)
     if a.resume and any(Path(a.out, n).exists() for n in ("ckpt.pt", "ckpt_prev.pt")):
@@ -243,7 +247,7 @@ def train(a):
     """The whole run for flags `a`; returns the (unwrapped) model."""
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
     out, say = Path(a.out), ctx.say
-    ck = resume_or_start(a, out, ctx)  # None for a new run
+    ck = resume_or_start(a, out, ctx, script="finetune.py")  # None for a new run
     for k, v in {"batch_scope": "process", "sampler": "yucca", "blend": "sum", "tta": False}.items():
         if ck is not None and k not in ck["args"]:
             setattr(a, k, v)  # a run saved before the flag existed continues as it ran
@@ -257,7 +261,14 @@ def train(a):
         pool = sorted(c["case"] for c in ds_json["cases"] if c["split"] == "train")
         chosen = data.select_few_shot(pool, a.n_train, a.seed)
         rest = [c for c in pool if c not in chosen]
-        val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, min(a.val_cases, len(rest)), replace=False).tolist()) if rest else []
+        if a.val_cases > len(rest) and ck is None:  # (a run started before this check resumes with what it had)
+            raise UserError(f"--val-cases {a.val_cases}: only {len(rest)} train case(s) are left after --n-train {a.n_train} "
+                            f"of {len(pool)}; choose --val-cases {len(rest)} or fewer, or a smaller --n-train")
+        n_val = min(a.val_cases, len(rest))
+        val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, n_val, replace=False).tolist()) if n_val else []
+        check_resumed_cases(ck, a.data, chosen, val_cases)
+        if not a.no_preflight:
+            data.check_finite(a.data, (chosen + val_cases)[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))
         ignore = ds_json.get("ignore_label")  # e.g. WMH's "other pathology": no class, no loss
         values = [int(v) for v in ds_json["label_values"] if v != ignore]  # e.g. BraTS [0, 1, 2, 3]: class k is values[k]
         regions = ds_json.get("training_regions")  # nnU-Net region labels: one sigmoid output per region
@@ -268,6 +279,9 @@ def train(a):
                                    batch=bp * ctx.world)
     spe = a.steps_per_epoch
     total = a.steps or a.epochs * spe
+    say(f"finetune.py: run {out} ({'resumed at step ' + str(ck['step']) if ck else 'new'}), data {a.data} "
+        f"({ds_json.get('name')}: {len(chosen)} + {len(val_cases)} val of {len(pool)} train cases), "
+        f"pretrained {a.pretrained}")
 
     # -- model: pretrained encoder, fresh decoder -----------------------------
     pre = load_pretrained_file(a.pretrained, "--pretrained") if ck is None and a.pretrained != "none" else None
@@ -301,13 +315,15 @@ def train(a):
              "label_names": ds_json.get("label_names"), "training_regions": regions,
              "regions_class_order": ds_json.get("regions_class_order"), "ignore_label": ignore, "n_outputs": n_out,
              "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge, "pretrained": a.pretrained, "seed": a.seed,
-             "n_train": a.n_train, "recipe": getattr(a, "recipe", None), "dataset": ds_json.get("name"),
+             "n_train": int(a.n_train) if a.n_train.isdigit() else a.n_train, "recipe": getattr(a, "recipe", None),
+             "dataset": ds_json.get("name"), "data": str(Path(a.data).resolve()),
+             "pretrained_file": a.pretrained if a.pretrained in (None, "none") else str(Path(a.pretrained).resolve()),
              "transpose": ds_json.get("transpose"),  # the axis order of the data: evaluate.py --images applies it
+             # the recipe's predictor (window positions, blending, mirroring): evaluate.py applies it
              "inference": {"blend": a.blend, "tta": a.tta, "steps": "nnunet" if a.recipe == "wald" else "yucca"}}
-    # the recipe's predictor (window positions, blending, mirroring): evaluate.py applies it
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
-        save_json(out / "cases.json", {"n_train": a.n_train, "seed": a.seed, "train": chosen, "val": val_cases,
+        save_json(out / "cases.json", {"n_train": facts["n_train"], "seed": a.seed, "train": chosen, "val": val_cases,
                                        "labelled_cases_read": sorted(chosen + val_cases)})
     say(describe(model))
     say(f"recipe {a.recipe}: " + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe] if k != "lr_scratch")
@@ -399,7 +415,7 @@ def train(a):
         if validating or is_best or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
     say(f"done: {out / 'ckpt.pt'} (the last weights)" + (f", {out / 'best.pt'} (best validation Dice {best:.4f})" if val_cases else "")
-        + f"; next: python evaluate.py --run {out} --data {a.data}")
+        + f"; next: python evaluate.py --run {shlex.quote(str(out))}")
     return model
 
 

@@ -859,17 +859,32 @@ def convert(src, dst, arch=None):
 
 if __name__ == "__main__":
     import argparse
-    import sys
-    p = argparse.ArgumentParser(description="models.py convert SRC DST: a released pretrained checkpoint "
-                                "(" + "; ".join(FORMATS.values()) + ") -> this kit's encoder.pt")
+    import pickle
+
+    class Parser(argparse.ArgumentParser):  # errors as one line, as the kit's other scripts
+        def error(self, message):
+            self.exit(2, f"models.py: error: {message} (see python models.py --help)\n")
+    p = Parser(prog="models.py", description="models.py convert SRC DST: a released pretrained checkpoint "
+               "(" + "; ".join(FORMATS.values()) + ") -> this kit's encoder.pt")
     p.add_argument("command", choices=["convert"])
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--arch", choices=list(ARCHS), help="check that the file holds this arch")
     a = p.parse_args()
+    folder = os.path.dirname(os.path.abspath(a.dst))
+    if not os.path.isfile(a.src):
+        p.exit(2, f"models.py: error: {a.src}: no such file\n")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        p.exit(2, f"models.py: error: {a.dst}: the folder {folder} " + ("is not writable\n" if os.path.isdir(folder) else
+                                                                         "does not exist; make it first\n"))
     try:
         out = convert(a.src, a.dst, a.arch)
-    except (OSError, RuntimeError, ValueError, EOFError) as e:
-        sys.exit(f"models.py: {a.src}: {str(e).splitlines()[0][:300]}")
+    except (pickle.UnpicklingError, KeyError, EOFError) as e:  # torch.load of something that is not a checkpoint
+        why = ("holds pickled Python objects, refused unread (only tensors and plain values are loaded)"
+               if any(w in str(e) for w in ("Unsupported global", "GLOBAL ", "Unsupported class")) else f"not a torch checkpoint, or a truncated one "
+               f"({type(e).__name__}); give a released weights file (.pt / .pth / .ckpt)")
+        p.exit(2, f"models.py: error: {a.src}: {why}\n")
+    except (OSError, RuntimeError, ValueError) as e:
+        p.exit(2, f"models.py: error: {a.src}: {str(e).splitlines()[0][:300]}\n")
     print(f"{a.dst}: {out['arch']} encoder ({len(out['encoder'])} tensors, {out['in_channels']} input channel(s)) "
           f"from {FORMATS[out['format']]}" + (", MONAI's legacy PatchMerging order" if out["legacy_merge"] else ""))

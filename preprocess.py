@@ -59,6 +59,31 @@ class CaseError(Exception):
     """A problem with one input case: reported, recorded in failed.json, then skipped."""
 
 
+class InputError(Exception):
+    """The input as a whole is unusable (an empty folder, a --format that finds nothing):
+    one line, exit 2, and nothing written."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line that points at --help, not the usage block
+    before it (every script of the kit parses its flags with this)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+
+
+def unwritable(path):
+    """None when files can be made in the folder `path` (created if missing), else why not."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable (permission denied)"
+    return None
+
+
 # -----------------------------------------------------------------------------
 # Atomic writes (every file the kit writes goes through write_atomic) and JSON
 
@@ -400,7 +425,7 @@ def authors_split(fmt, cases, failed, names):
     test = set(sklearn_test_names(names, seed))
     for c in cases:
         c["split"] = "test" if c["case"] in test else "train"
-    if len(names) != expected:
+    if names and len(names) != expected:  # none at all: run() refuses the input in one line
         print(f"preprocess.py: warning: {len(names)} {fmt} subject folders, the authors' download has {expected}: the "
               f"test split is the authors' rule (train_test_split, random_state {seed}) over these, so it holds other "
               f"cases than theirs", file=sys.stderr)
@@ -631,9 +656,13 @@ def process_case(c, out, allowed_labels, opened=None):
     if label is not None:
         for old, new in c.get("label_map", {}).items():  # e.g. BraTS 4 -> 3
             label[label == old] = new
+        if tuple(label.shape) != tuple(channels[0].shape):
+            raise CaseError(f"label {c['label']} has shape {label.shape}, the image {tuple(channels[0].shape)}; "
+                            "it must share the image's voxel grid")
         if not same_grid(label.shape, laff, channels[0].shape, affine):
-            raise CaseError(f"label {c['label']} has shape {label.shape} / affine differing from the image "
-                            f"{channels[0].shape}; it must share the image's voxel grid")
+            raise CaseError(f"label {c['label']} has the image's shape but another affine (up to "
+                            f"{np.abs(np.asarray(laff) - np.asarray(affine)).max():.3g} mm apart: shifted or rotated); "
+                            "it must share the image's voxel grid")
         if not np.isfinite(label).all() or (label != np.round(label)).any():
             raise CaseError(f"label {c['label']} has non-integer values")
         vals = sorted(int(v) for v in np.unique(label))
@@ -763,6 +792,14 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
             labelled, ds_meta = False, {"name": f"{ds_meta.get('name', inp.name)}-pretraining"}
     else:
         (cases, failed), ds_meta, split_info = find_unlabelled(inp), {}, None
+    if not cases:  # nothing to preprocess: say so, and write no empty dataset
+        kind = (f"--format {fmt} found no {fmt} case" if fmt else "no case found (neither an nnU-Net dataset with "
+                "imagesTr/ nor any *.nii / *.nii.gz file)" if not labelled else "no usable case in imagesTr/")
+        raise InputError(f"--input {inp}: {kind}" + (f"; {len(failed)} input(s) unusable, e.g. {failed[0]['case']}: "
+                                                     f"{failed[0]['reason']}" if failed else "") + "; nothing written")
+    if not quiet:
+        print(f"preprocess.py: {inp} ({fmt or ('nnU-Net labelled' if labelled else 'unlabelled')}"
+              f"{', pretraining volumes' if pretraining else ''}, {len(cases)} case(s) found) -> {out}")
     allowed = label_values(ds_meta)
     plan = plan_transpose([g for c in cases if c["split"] == "train" for g in header_geometry(c)]) \
         if transpose == "auto" else [0, 1, 2]
@@ -901,10 +938,10 @@ def make_demo(root, n_cases=32, seed=0, quiet=False, shape=(72, 84, 72)):
 # -----------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Examples:\n  python preprocess.py --input /data/OASIS3 --output data/oasis\n"
-                                       "  python preprocess.py --input /data/Dataset501_WMH --output data/wmh\n"
-                                       "  python preprocess.py --demo demo")
+    p = ArgumentParser(prog="preprocess.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Examples:\n  python preprocess.py --input /data/OASIS3 --output data/oasis\n"
+                              "  python preprocess.py --input /data/Dataset501_WMH --output data/wmh\n"
+                              "  python preprocess.py --demo demo")
     p.add_argument("--input", type=Path, help="raw folder: nnU-Net dataset (imagesTr/...) or any folder of NIfTI files")
     p.add_argument("--output", type=Path, help="where images/, labels/, meta/, dataset.json, failed.json go")
     p.add_argument("--format", choices=list(CONVERTERS), help="--input is a download of BraTS 2021, ISLES 2022, WMH 2017 or "
@@ -963,8 +1000,14 @@ def main(argv=None):
     a = get_args(argv)
     if a.demo is not None and not (a.input / "dataset.json").exists():
         make_demo(a.input, a.demo_cases, a.seed, a.quiet, a.demo_shape)
-    _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet, a.format, a.transpose,
-                       a.pretraining, a.wmh_with_t1, a.wmh_label2_ignore)
+    try:
+        if unwritable(a.output):
+            raise InputError(f"--output {a.output}: {unwritable(a.output)}; choose another --output")
+        _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet, a.format, a.transpose,
+                           a.pretraining, a.wmh_with_t1, a.wmh_label2_ignore)
+    except InputError as e:
+        print(f"preprocess.py: error: {e}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

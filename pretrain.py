@@ -75,8 +75,9 @@ import torch.nn.functional as F
 import data
 import pictures
 from models import ARCHS, build_model, describe, patch_rule
-from preprocess import write_atomic
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
+from preprocess import ArgumentParser, write_atomic
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases,
+                      check_run_flags, gather, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
                       precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
 
 METHODS = ("amaes", "mae", "swin_ssl")
@@ -123,7 +124,7 @@ ARCH_OF = {"amaes": "unet_b", "tang": "swinunetr", "wald": "resenc_l", "bsf1": "
 
 def get_args(argv=None):
     """Parsed flags, checked; a.given holds the flags whose value is not the default."""
-    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="pretrain.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), help="network (default: the recipe's: unet_b / swinunetr / resenc_l; "
                    "with --init a released file's)")
     p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="a paper's whole recipe (default amaes; tang: the "
@@ -192,7 +193,10 @@ def get_args(argv=None):
         p.error("--mask-ratio / --mask-ratio-range must be in [0, 1), LO <= HI")
     if not 0 <= a.val_fraction < 0.5:
         p.error("--val-fraction must be in [0, 0.5)")
-    check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "crops_per_volume"))
+    check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps",
+                           "crops_per_volume"))
+    if not a.lr >= 0 or not a.wd >= 0:  # NaN too; 0 is allowed (a frozen run, as the tests' exact-transfer check)
+        p.error(f"--lr and --wd must be >= 0 (got --lr {a.lr:g}, --wd {a.wd:g})")
     a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
     a.legacy_merge = False  # SwinUNETR's PatchMerging order: set from --init (Tang / BrainSegFounder weights)
     return a
@@ -281,7 +285,7 @@ def train(a):
     """The whole run for flags `a`; returns the (unwrapped) model."""
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
     out, say = Path(a.out), ctx.say
-    ck = resume_or_start(a, out, ctx)  # None for a new run
+    ck = resume_or_start(a, out, ctx, script="pretrain.py")  # None for a new run
     for k, v in {"batch_scope": "process", "crops_per_volume": 1}.items():
         if ck is not None and k not in ck["args"]:
             setattr(a, k, v)  # a run saved before the flag existed continues as it ran
@@ -294,6 +298,9 @@ def train(a):
         n_val = max(1, round(a.val_fraction * len(cases))) if a.val_fraction > 0 and len(cases) > 1 else 0
         val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
         train_cases = [c for c in cases if c not in val_cases]
+        check_resumed_cases(ck, a.data, train_cases, val_cases)
+        if not a.no_preflight and (ck is None or "data" in a.given):  # one read of every volume: at the start only
+            data.check_finite(a.data, cases[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))  # a share each
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp],
                                         crops=a.crops_per_volume)
@@ -306,6 +313,8 @@ def train(a):
     # warm-up in steps (tang) or in epochs (amaes); with --steps it shrinks with the run
     warmup = a.warmup_steps if a.warmup_steps is not None else round(total * (a.warmup_epochs or 0) / a.epochs)
     in_ch = int(ds_json.get("n_channels", 1))
+    say(f"pretrain.py: run {out} ({'resumed at step ' + str(ck['step']) if ck else 'new'}), data {a.data} "
+        f"({ds_json.get('name')}: {len(train_cases)} + {len(val_cases)} val volumes)" + (f", init {a.init}" if a.init else ""))
 
     # -- model, optimiser, precision ------------------------------------------
     torch.manual_seed(a.seed)

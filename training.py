@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from preprocess import clean_json, save_json, write_atomic
+from preprocess import clean_json, save_json, unwritable, write_atomic
 
 
 # flags that may be given anew when a run is resumed: where and how fast it runs, and
@@ -70,8 +70,8 @@ def add_run_flags(p, ckpt_every=1000):
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default: the recipe's, 0 = off; wald 12)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30 %% more compute)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers per process (default: the cores this process may use, minus one)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per training process, 0 = "
+                   "read in the training process (default: the cores this process may use, minus one)")
     p.add_argument("--aug-on", default="auto", choices=("auto", "device", "workers"),
                    help="where the augmentation runs: batched on the training device after the workers crop, or per "
                    "sample in the DataLoader workers (default auto: device on CUDA, workers on CPU); same samples either way")
@@ -135,6 +135,15 @@ def all_sum(ctx, *xs):
     return t.tolist()
 
 
+def gather(ctx, items):
+    """Every process's list `items`, joined in rank order, on every process."""
+    if ctx.world == 1:
+        return list(items)
+    parts = [None] * ctx.world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def default_workers():
     """DataLoader workers per process: the cores this process may use (its CPU
     affinity, shared by the local processes), minus one for the training loop."""
@@ -186,11 +195,16 @@ def flag_names(keys):
     return ", ".join("--" + k.replace("_", "-") for k in keys)
 
 
-def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS):
+def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS, script=None):
     """With --resume: the run's checkpoint, its saved settings copied onto `a` except
     the runtime flags given now (a moved --data, more --workers, a --grad-clip to get
     past a divergence); the flags that cannot change are named. Without --resume a
-    folder that holds a run is refused, so nothing is overwritten by accident."""
+    folder that holds a run is refused, so nothing is overwritten by accident; so is a
+    run of the other script (`script`: "pretrain.py" or "finetune.py") and an --out
+    that cannot be written."""
+    why = unwritable(out)
+    if why:
+        raise UserError(f"--out {out}: {why}; choose another --out")
     path, ck = find_checkpoint(out)
     if ck is None:
         if any((out / n).exists() for n in ("ckpt.pt", "ckpt_prev.pt")):
@@ -201,6 +215,11 @@ def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS):
     if not a.resume:
         raise UserError(f"{out} already holds a run ({path.name}); pass --resume to continue it or choose another --out")
     saved = ck["args"]
+    kind = "finetune.py" if "n_train" in saved else "pretrain.py"
+    if script is not None and kind != script:
+        hint = (f"finetune it with finetune.py --pretrained {out / 'encoder.pt'} --out NEW_FOLDER" if kind == "pretrain.py"
+                else f"resume it with finetune.py --out {out} --resume")
+        raise UserError(f"--out {out} holds a {kind} run, not a {script} one; {hint}")
     ignored = [k for k in a.given if k not in runtime_flags and saved.get(k) != getattr(a, k)]
     changed = [k for k in a.given if k in runtime_flags - {"out", "resume"} and k in saved and saved[k] != getattr(a, k)]
     for k, v in saved.items():
@@ -215,6 +234,20 @@ def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS):
                         "resume with the same --nproc_per_node so the sample order continues exactly")
     ctx.say(f"resume: {path} at step {ck['step']}")
     return ck
+
+
+def check_resumed_cases(ck, data, train_cases, val_cases):
+    """On resume: UserError unless --data gives the run exactly the cases it trained and
+    validated on (a moved copy of its dataset is welcome, another dataset is not)."""
+    if ck is None or "train_cases" not in ck:
+        return
+    was = set(ck["train_cases"]) | set(ck.get("val_cases") or [])
+    now = set(train_cases) | set(val_cases)
+    if (sorted(ck["train_cases"]), sorted(ck.get("val_cases") or [])) != (sorted(train_cases), sorted(val_cases)):
+        diff = sorted(was - now)[:3] or sorted(now - was)[:3]
+        raise UserError(f"--resume: --data {data} does not give the run its cases ({len(was - now)} of its {len(was)} "
+                        f"missing, {len(now - was)} new, e.g. {', '.join(diff) or 'a different split'}); give the run's "
+                        f"dataset (args.json) or a copy of it")
 
 
 # -----------------------------------------------------------------------------
@@ -294,8 +327,10 @@ def load_pretrained_file(path, flag):
             what = what[what.find("Unsupported"):][:160] if "Unsupported class" in what else what[:160]
             raise UserError(f"{flag} {path}: refused: the file holds pickled Python objects ({what}); only tensors and plain "
                             "values are loaded (torch.load weights_only), so nothing in it was run") from None
-        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated, or not a torch file: "
-                        f"{type(e).__name__}: {msg.splitlines()[0][:120] if msg else ''})") from None
+        first = msg.splitlines()[0] if msg else ""  # torch's own first line only when it is short and about the file
+        detail = f"{type(e).__name__}: {first}" if first and len(first) <= 120 and "Weights only" not in first else type(e).__name__
+        raise UserError(f"{flag} {path}: not a readable checkpoint: not a torch file, or a truncated one (torch.load: "
+                        f"{detail}); give RUN/encoder.pt or a released weights file") from None
     try:
         return models.read_pretrained(ck)
     except ValueError as e:
@@ -659,11 +694,29 @@ def open_run(out, a, ck, step, ctx):
     (lines a killed run wrote after its checkpoint are redone). Returns log(row),
     which appends a line on rank 0 and does nothing elsewhere."""
     if ctx.master:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(out / "args.json", vars(a))
-        if ck is not None:
-            trim_log(out / "log.jsonl", step)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_args(out / "args.json", a, ck is not None)
+            if ck is not None:
+                trim_log(out / "log.jsonl", step)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another --out") from None
     return (lambda row: append_log(out / "log.jsonl", row)) if ctx.master else (lambda row: None)
+
+
+def write_args(path, a, resumed):
+    """args.json: the settings of the run's first invocation, as resolved then; each
+    resume appends the flags given anew, with the time, to its "resumes" list."""
+    try:
+        first = json.loads(path.read_text()) if resumed and path.exists() else None
+    except json.JSONDecodeError:
+        first = None
+    if first is None:
+        first = dict(vars(a), resumes=[])
+    else:
+        first.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                "given": {k: getattr(a, k, None) for k in a.given}})
+    save_json(path, first)
 
 
 def trim_log(path, step):
@@ -705,6 +758,14 @@ def run_main(prog, train, a):
         if say:
             print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a --data folder removed or unmounted under the run: the user's, not a bug
+        data = getattr(a, "data", None)
+        if data is None or (os.path.exists(os.path.join(data, "dataset.json")) and os.path.exists(os.path.join(data, "images"))):
+            raise
+        if say:
+            print(f"{prog}: error: --data {data} disappeared during the run ({type(e).__name__}); put it back "
+                  "and continue with --resume", file=sys.stderr)
+        return 2
     finally:
         teardown()
 
