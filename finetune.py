@@ -51,8 +51,8 @@ from evaluate import sliding_window
 import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import save_json
-from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, guarded_step,
-                      load_pretrained_file, make_loader, make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
+from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_cases, check_patch, check_run_flags, guarded_step,
+                      load_pretrained_file, make_loader, make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stop_if_signalled, stopped, user_input, wrap)
 
 
 
@@ -226,6 +226,7 @@ def train(a):
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p, aug_on=a.aug_on,
                                    order=3 if a.interp == "cubic" else 1, centre_fg=a.centre_fg)
+        check_cases(a.data, chosen + val_cases, labels=True)  # a truncated file named now, not after some steps
     spe = a.steps_per_epoch
     total = a.steps or a.epochs * spe
 
@@ -325,7 +326,7 @@ def train(a):
         step = s + 1
         epoch_end = step % spe == 0 or step == total
         validating = bool(val_cases) and epoch_end and ((epoch + 1) % a.val_every == 0 or step == total)
-        if step % a.log_every == 0 or step == total or validating or step % a.ckpt_every == 0:
+        if step % a.log_every == 0 or step == total or validating or epoch_end or step % a.ckpt_every == 0:
             meter.check(log, out / "ckpt.pt", saved)  # skipped steps: logged, or too many in a row: stop
         if step % a.log_every == 0 or step == total:
             log(dict(step=step, epoch=epoch, lr=lr, **meter.row(a.batch * ctx.world)))
@@ -336,21 +337,23 @@ def train(a):
             best = max(best, v) if not math.isnan(v) else best
             log({"step": step, "epoch": epoch, "val_dice": v, "best": best})
             say(f"epoch {epoch}: step {step}/{total}, validation Dice {v:.4f} (best {best:.4f})")
-        if is_best or step % a.ckpt_every == 0 or step == total:
+        if is_best or epoch_end or step % a.ckpt_every == 0:  # each epoch end, as pretrain.py
             try:
                 checkpoint(is_best)
             except StopRun as e:
                 raise stopped(step, str(e), out / "ckpt.pt", saved) from None
             saved = step
-        if validating or is_best or step % a.ckpt_every == 0:
+        if validating or epoch_end or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
+        stop_if_signalled(ctx, step, saved, checkpoint, log, meter, ("finetune.py", out))  # SIGTERM & co: save this step, exit 3
     say(f"done: {out / 'ckpt.pt'} (the last weights)" + (f", {out / 'best.pt'} (best validation Dice {best:.4f})" if val_cases else "")
         + f"; next: python evaluate.py --run {out} --data {a.data}")
     return model
 
 
 def main(argv=None):
-    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs."""
+    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs,
+    3 stopped by SIGTERM / SIGINT / SIGUSR1 with the step reached saved."""
     return run_main("finetune.py", train, get_args(argv))
 
 

@@ -54,9 +54,8 @@ import torch.nn.functional as F
 
 import data
 from models import ARCHS, build_model, describe, patch_rule
-from preprocess import write_atomic
-from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
-                      precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
+from training import (Interval, StopRun, UserError, add_run_flags, all_sum, check_cases, check_patch, check_run_flags, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
+                      precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stop_if_signalled, stopped, user_input, wrap, write_file)
 
 METHODS = ("amaes", "mae", "swin_ssl")
 INTERP = {"cubic": 3, "linear": 1}
@@ -195,10 +194,10 @@ def compute_loss(model, inp, target, a, key, autocast):
 
 
 def save_nifti(path, x):
-    """(C, X, Y, Z) array -> NIfTI (1 mm, RAS, as preprocessed), written atomically."""
+    """(C, X, Y, Z) array -> NIfTI (1 mm, RAS, as preprocessed), written atomically (a full disk: StopRun)."""
     x = np.asarray(x, dtype=np.float32)
     x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
-    write_atomic(path, lambda p: p.write_bytes(gzip.compress(nib.Nifti1Image(x, np.eye(4)).to_bytes(), compresslevel=1)))
+    write_file(path, lambda p: p.write_bytes(gzip.compress(nib.Nifti1Image(x, np.eye(4)).to_bytes(), compresslevel=1)))
 
 
 def load_weights_by_name(model, pre, path):
@@ -231,6 +230,7 @@ def train(a):
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp])
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
+        check_cases(a.data, train_cases + val_cases)  # a truncated file named now, not after some steps
     spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * ctx.world))
     total = a.steps or a.epochs * spe
     # warm-up in steps (tang) or in epochs (amaes); with --steps it shrinks with the run
@@ -290,16 +290,22 @@ def train(a):
             return None
         model.eval()
         tot = cnt = 0.0
+        err = ""
         for k in range(ctx.rank, len(val_cases), ctx.world):
             inp, target, _ = val_ds.sample(k)
             inp, target = inp[None].to(ctx.device), target[None].to(ctx.device)
             loss, _, (x, y, t) = compute_loss(model, inp, target, a, (a.seed, 2 ** 31 - 1, k), autocast)
             tot, cnt = tot + loss.item(), cnt + 1
             if k == 0:  # rank 0 writes the first example
-                for name, v in (("input", x), ("reconstruction", y), ("target", t)):
-                    save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
+                try:
+                    for name, v in (("input", x), ("reconstruction", y), ("target", t)):
+                        save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
+                except StopRun as e:  # a full disk: every rank stops below, none waits for rank 0
+                    err = str(e)
         model.train()
-        tot, cnt = all_sum(ctx, tot, cnt)
+        tot, cnt, failed = all_sum(ctx, tot, cnt, bool(err))
+        if failed:
+            raise stopped(step, err or "rank 0 could not write its samples", out / "ckpt.pt", saved)
         return tot / cnt
 
     if step >= total:
@@ -337,12 +343,14 @@ def train(a):
             saved = step
         if epoch_end or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
+        stop_if_signalled(ctx, step, saved, checkpoint, log, meter, ("pretrain.py", out))  # SIGTERM & co: save this step, exit 3
     say(f"done: {out / 'encoder.pt'} (for finetune.py --pretrained), log {out / 'log.jsonl'}, samples {out / 'samples'}")
     return model
 
 
 def main(argv=None):
-    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs."""
+    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs,
+    3 stopped by SIGTERM / SIGINT / SIGUSR1 with the step reached saved."""
     return run_main("pretrain.py", train, get_args(argv))
 
 
