@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import preprocess  # the geometry both ways (recipe and to_native) lives there, once
 from models import build_model
-from training import UserError, autocast_for
+from training import UserError, autocast_for, lock_folder, release_lock
 
 METRICS = ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percent")
 
@@ -452,17 +452,66 @@ def main(argv=None):
             bad = []
         if not cases:
             raise ValueError(f"no cases to evaluate ({'--images ' + a.images if a.images else '--split ' + a.split})")
+        lock_folder(a.out, "evaluation")  # one evaluation per folder; released when the process ends
     except (FileNotFoundError, ValueError, UserError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    (a.out / "predictions").mkdir(parents=True, exist_ok=True)
+    try:
+        return evaluate_cases(a, run, path, model, info, autocast, ds, regions, rules, cases, bad)
+    finally:
+        release_lock()
+
+
+def resumable(a, path, info):
+    """A rerun with the same settings (and the same checkpoint file) skips the cases
+    already done: each finished case leaves predictions/<case>.json (its metrics) next
+    to its NIfTI. Changed settings: every case is redone. metrics.json / .csv of an
+    earlier evaluation go now and come back complete at the end, so an interrupted
+    evaluation leaves none. Returns the set of cases done."""
+    pred = a.out / "predictions"
+    pred.mkdir(parents=True, exist_ok=True)
+    for stale in list(a.out.glob(".*.tmp")) + list(pred.glob(".*.tmp")):  # a killed write's; the lock says no one writes them
+        stale.unlink()
+    for name in ("metrics.json", "metrics.csv", "failed.json"):
+        (a.out / name).unlink(missing_ok=True)
+    st = path.stat()
+    settings = {"checkpoint": str(path.resolve()), "checkpoint_size": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns,
+                "step": info.get("step"), "data": str(Path(a.images or a.data).resolve()), "split": a.split,
+                "overlap": a.overlap, "blend": a.blend, "tta": a.tta, "dtype": a.dtype, "raw_root": a.raw_root}
+    f = a.out / "settings.json"
+    same = f.exists() and json.loads(f.read_text()) == json.loads(json.dumps(settings))
+    if not same:
+        for done in pred.glob("*.json"):
+            done.unlink()
+        preprocess.save_json(f, settings)
+    return {d.stem for d in pred.glob("*.json") if (pred / f"{d.stem}.nii.gz").exists()}
+
+
+def nan_for_null(x):
+    """JSON's null back to NaN in a case's metrics (undefined values were written as null)."""
+    if isinstance(x, dict):
+        return {k: nan_for_null(v) for k, v in x.items()}
+    return float("nan") if x is None else x
+
+
+def evaluate_cases(a, run, path, model, info, autocast, ds, regions, rules, cases, bad):
+    done = resumable(a, path, info)
     print(f"{info['arch']} from {path} (step {info.get('step')}), {len(cases)} case(s), patch {info['patch']}, "
           f"overlap {a.overlap}, blend {a.blend}{', tta' if a.tta else ''} -> {a.out}")
     rows, failed = [], [{"case": c, "reason": r} for c, r in bad]
     for c, r in bad:
         print(f"FAILED {c}: {r}")
+    if done & {c for c, _ in cases}:
+        print(f"{len(done & {c for c, _ in cases})} case(s) already done with these settings (predictions/<case>.json): skipped")
     for case, files in tqdm(cases, desc="inference", unit="case", disable=a.quiet):
+        record = a.out / "predictions" / f"{case}.json"
+        if case in done:
+            m = json.loads(record.read_text())["metrics"]
+            if m is not None:
+                rows.append({"case": case, "metrics": nan_for_null(m)})
+            continue
         try:
+            m = None
             if files is not None:  # --images: preprocess on the fly
                 image, meta = preprocess_raw(files)
             else:
@@ -482,6 +531,7 @@ def main(argv=None):
                     ref[ref == int(old)] = new
                 m = case_metrics(native, ref, meta["original_spacing"], regions, ds.get("ignore_label"), rules)
                 rows.append({"case": case, "metrics": m})
+            preprocess.save_json(record, {"case": case, "metrics": m})  # this case is done
         except (preprocess.CaseError, OSError, ValueError) as e:
             failed.append({"case": case, "reason": str(e)})
             print(f"FAILED {case}: {e}")

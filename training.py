@@ -310,10 +310,11 @@ def lock_folder(folder, what="run"):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"{folder} is in use by another {what} ({holder}); wait for it to end, or choose another --out") from None
+        raise UserError(f"{folder} is in use by {holder}; wait for it to end, or choose another --out") from None
     f.seek(0)
     f.truncate()
-    f.write(f"host {socket.gethostname()}, pid {os.getpid()}" + (f", job {job_id()}" if job_id() else "") + "\n")
+    f.write(f"{what} {Path(sys.argv[0]).name} (host {socket.gethostname()}, pid {os.getpid()}"
+            + (f", job {job_id()}" if job_id() else "") + ")\n")
     f.flush()
     LOCK[path] = f
 
@@ -334,7 +335,7 @@ def lock_run(out, ctx):
         except UserError as e:
             err = e
     if all_sum(ctx, err is not None)[0]:
-        raise err or UserError(f"{out} is in use by another run")
+        raise err or UserError(f"{out} is in use by another process")
 
 
 # -----------------------------------------------------------------------------

@@ -167,3 +167,155 @@ def children(pid):
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(d.name))
     return out
+
+
+# -----------------------------------------------------------------------------
+# One run per folder
+
+def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = TINY + ["--data", demo / "preprocessed", "--steps", "12", "--steps-per-epoch", "100", "--val-fraction", "0",
+                   "--ckpt-every", "3", "--out", run]
+    p = launch(ROOT / "pretrain.py", *args)
+    wait_for(lambda: (run / "ckpt.pt").exists(), p)
+    # a second run (README's rerun with --resume) and an evaluation into the folder in use: one line, exit 2
+    assert pretrain.main(["--out", str(run), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(lines(err)) == 1 and f"is in use by run pretrain.py (host {os.uname().nodename}, pid {p.pid}" in err, err
+    assert p.poll() is None  # the first run goes on, untouched
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    # its lock is left, but no process holds it: the resume takes it over and finishes the run
+    assert (run / ".lock").exists()
+    assert pretrain.main(["--out", str(run), "--resume", "--quiet"]) == 0
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 12
+    assert [r["step"] for r in logged(run) if "loss" in r] == list(range(1, 13))  # each step once
+
+
+# -----------------------------------------------------------------------------
+# A full disk, for real: a file size limit (RLIMIT_FSIZE) set in the run's process after
+# its first checkpoint, so the kernel refuses the next large write (EFBIG) as it would a
+# write to a full disk (ENOSPC); torch.save, gzip and np.save see a real failed write.
+
+LIMITED = """
+import resource, signal, sys
+import pretrain, training
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of the process being killed
+real = training.save_checkpoint
+
+def save(state, path, keep_prev=True):
+    real(state, path, keep_prev)
+    if path.name == "encoder.pt":  # after the first complete checkpoint: no file may grow past 16 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+training.save_checkpoint = save
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("during", ["checkpoint", "sample"])
+def test_full_disk_for_real(demo, tmp_path, during):
+    run = tmp_path / "run"
+    val = ["--val-fraction", "0.2"] if during == "sample" else ["--val-fraction", "0"]  # samples are written at validation
+    r = script("-c", LIMITED, *TINY, "--data", demo / "preprocessed", "--steps", "4", "--steps-per-epoch", "2", *val,
+               "--out", run)
+    assert r.returncode == 1, r.stderr[-3000:]
+    said = lines(r.stderr)
+    assert len(said) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    name = "ckpt.pt" if during == "checkpoint" else "samples/step0000004_input.nii.gz"
+    assert f"could not write {run / name} (File too large;" in said[0] and "free there" in said[0]
+    assert "stopped at step 4" in said[0] and f"Resume from {run / 'ckpt.pt'} (step 2" in said[0]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2  # the previous checkpoint, intact
+    assert not list(run.rglob(".*.tmp"))  # no temporary file left
+
+
+# -----------------------------------------------------------------------------
+# kill -9 in the middle of a save
+
+def test_kill_9_during_a_save(demo, tmp_path):
+    run = tmp_path / "run"
+    args = TINY + ["--data", demo / "preprocessed", "--steps", "6", "--steps-per-epoch", "100", "--val-fraction", "0",
+                   "--ckpt-every", "1", "--out", run]
+    p = launch(ROOT / "pretrain.py", *args)
+    wait_for(lambda: (run / "ckpt.pt").exists() and list(run.glob(".ckpt.pt.*.tmp")), p)  # the second save under way
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert list(run.glob(".*.tmp"))  # what the kill left
+    assert training.loads(run / "ckpt.pt") and (not (run / "ckpt_prev.pt").exists() or training.loads(run / "ckpt_prev.pt"))
+    assert pretrain.main(["--out", str(run), "--resume", "--quiet"]) == 0
+    assert not list(run.rglob(".*.tmp"))
+    assert training.loads(run / "ckpt_prev.pt") and torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_a_cut_ckpt_is_never_rotated_over_the_good_previous(tmp_path):
+    """After a kill left ckpt.pt cut short, resume uses ckpt_prev.pt; the next save
+    replaces the broken ckpt.pt and keeps the good ckpt_prev.pt."""
+    good = {"model": {"w": torch.ones(3)}, "step": 1}
+    training.save_checkpoint(good, tmp_path / "ckpt.pt")
+    training.save_checkpoint(dict(good, step=2), tmp_path / "ckpt.pt")
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(data[:len(data) // 2])
+    path, ck = training.find_checkpoint(tmp_path)
+    assert path.name == "ckpt_prev.pt" and ck["step"] == 1
+    training.save_checkpoint(dict(good, step=3), tmp_path / "ckpt.pt")
+    assert torch.load(tmp_path / "ckpt_prev.pt", weights_only=True)["step"] == 1
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+# -----------------------------------------------------------------------------
+# Data faults
+
+def test_a_truncated_npy_is_named_before_the_first_step(demo, tmp_path, capsys):
+    import shutil
+    import preprocess
+    pre = tmp_path / "pre"
+    shutil.copytree(demo / "preprocessed", pre)
+    case = json.loads((pre / "dataset.json").read_text())["cases"][0]["case"]
+    f = pre / "images" / f"{case}.npy"
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])  # a copy cut short
+    run = tmp_path / "ft"
+    args = TINY + ["--data", str(pre), "--pretrained", "none", "--n-train", "all", "--steps", "2", "--out", str(run)]
+    assert finetune.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(lines(err)) == 1 and f"{f} is truncated" in err and "rerun preprocess.py" in err, err
+    assert not (run / "log.jsonl").exists() and not (run / "ckpt.pt").exists()  # not one step
+    # as the line says: preprocessing again redoes that case (and only it), then the run starts
+    assert preprocess.run(demo / "raw", pre, workers=1, quiet=True)[:2] == (1, 7)
+    assert finetune.main(args) == 0
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py
+
+HOLD = "import sys, time, training; training.lock_folder(sys.argv[1], 'evaluation'); print('held', flush=True); time.sleep(120)"
+
+
+def test_evaluate_killed_midway_redoes_only_the_missing_cases(demo, tmp_path, capsys):
+    ft = tmp_path / "ft"
+    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--n-train", "2", "--steps", "1",
+                                 "--out", str(ft)]) == 0
+    base = ["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet"]
+    ev = ft / "eval"
+    assert evaluate.main(base) == 0 and (ev / "metrics.json").exists()
+    # changed settings (--tta), killed after its first case: no metrics.json, neither old nor partial
+    p = launch(ROOT / "evaluate.py", *base, "--tta")
+    wait_for(lambda: len(list((ev / "predictions").glob("*.json"))) == 1, p)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (ev / "metrics.json").exists()
+    first = next((ev / "predictions").glob("*.json"))
+    stamp = first.stat().st_mtime_ns, (ev / "predictions" / f"{first.stem}.nii.gz").stat().st_mtime_ns
+    capsys.readouterr()
+    # the rerun does the missing case only, then writes the whole metrics.json
+    assert evaluate.main(base + ["--tta"]) == 0
+    assert "1 case(s) already done" in capsys.readouterr().out
+    assert stamp == (first.stat().st_mtime_ns, (ev / "predictions" / f"{first.stem}.nii.gz").stat().st_mtime_ns)
+    m = json.loads((ev / "metrics.json").read_text())
+    assert len(m["cases"]) == 2 and m["settings"]["tta"] and not m["failed"]
+    # a second evaluation into a folder in use: one line, exit 2
+    holder = launch("-c", HOLD, ev)
+    assert holder.stdout.readline().strip() == "held"
+    assert evaluate.main(base) == 2
+    err = capsys.readouterr().err
+    assert len(lines(err)) == 1 and f"is in use by evaluation" in err and f"pid {holder.pid}" in err, err
+    holder.kill()
+    holder.wait()
