@@ -223,10 +223,10 @@ def train(a):
         values = [int(v) for v in ds_json["label_values"] if v != ignore]  # e.g. BraTS [0, 1, 2, 3]: class k is values[k]
         regions = ds_json.get("training_regions")  # nnU-Net region labels: one sigmoid output per region
         in_ch = int(ds_json.get("n_channels", 1))
+        check_cases(a.data, chosen + val_cases, labels=True)  # a truncated file named now, not after some steps
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p, aug_on=a.aug_on,
                                    order=3 if a.interp == "cubic" else 1, centre_fg=a.centre_fg)
-        check_cases(a.data, chosen + val_cases, labels=True)  # a truncated file named now, not after some steps
     spe = a.steps_per_epoch
     total = a.steps or a.epochs * spe
 

@@ -227,10 +227,10 @@ def train(a):
         n_val = max(1, round(a.val_fraction * len(cases))) if a.val_fraction > 0 and len(cases) > 1 else 0
         val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
         train_cases = [c for c in cases if c not in val_cases]
+        check_cases(a.data, train_cases + val_cases)  # a truncated file named now, not after some steps
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
         train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp])
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
-        check_cases(a.data, train_cases + val_cases)  # a truncated file named now, not after some steps
     spe = a.steps_per_epoch or max(1, len(train_cases) // (a.batch * ctx.world))
     total = a.steps or a.epochs * spe
     # warm-up in steps (tang) or in epochs (amaes); with --steps it shrinks with the run

@@ -812,7 +812,7 @@ def write_error(e):
         return e.strerror or str(e)
     msg = str(e)
     if isinstance(e, RuntimeError) and ("write" in msg or "unexpected pos" in msg):
-        return msg.strip().splitlines()[0].split("] ")[-1].strip(" .")[:120]
+        return "the write failed: torch.save says " + msg.strip().splitlines()[0].split("] ")[-1].strip(" .")[:120]
     return None
 
 
