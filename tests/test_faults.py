@@ -321,3 +321,28 @@ def test_evaluate_killed_midway_redoes_only_the_missing_cases(demo, tmp_path, ca
     assert len(lines(err)) == 1 and f"is in use by evaluation" in err and f"pid {holder.pid}" in err, err
     holder.kill()
     holder.wait()
+
+
+# -----------------------------------------------------------------------------
+# No process outlives its run
+
+def alive(pid):
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+def test_kill_9_of_preprocess_leaves_no_worker(demo, tmp_path):
+    p = launch(ROOT / "preprocess.py", "--input", demo / "raw", "--output", tmp_path / "pre", "--workers", "2", "--quiet")
+    wait_for(lambda: len(children(p.pid)) >= 2, p, timeout=60)
+    workers = children(p.pid)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    t = time.time()
+    while any(alive(w) for w in workers) and time.time() - t < 10:
+        time.sleep(0.1)
+    survivors = [w for w in workers if alive(w)]
+    for w in survivors:  # a failing test leaves nothing running either
+        os.kill(w, signal.SIGKILL)
+    assert not survivors
