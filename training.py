@@ -193,12 +193,24 @@ def threading_main():
 STOP = StopSignals()
 
 
-def ignore_stop_signals(worker_id=None):
+def worker_signals(worker_id=None):
     """DataLoader worker_init_fn: a signal to the whole process group (Ctrl-C, a
-    scheduler) is the main process's to handle; a worker killed by it would end the
-    run with a traceback instead of a checkpoint."""
-    for s in STOP_SIGNALS:
+    scheduler's SIGTERM) is the main process's to handle; a worker killed by it would
+    end the run with a traceback instead of a checkpoint. SIGINT and SIGUSR1 are
+    ignored; SIGTERM is waited for in a thread and obeyed only when it comes from the
+    parent (the DataLoader's own terminate()) or the parent is gone."""
+    import threading
+    for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(128 + signal.SIGTERM)
+    threading.Thread(target=wait, daemon=True).start()
 
 
 def stop_if_signalled(ctx, step, saved, save, log, meter, prog_out):
@@ -277,7 +289,7 @@ def make_loader(dataset, batch, start_step, steps, ctx, workers=None):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=StepSampler(start_step, steps, batch, ctx.rank, ctx.world),
         num_workers=workers, pin_memory=ctx.cuda, prefetch_factor=4 if workers else None,
-        worker_init_fn=ignore_stop_signals if workers else None)
+        worker_init_fn=worker_signals if workers else None)
 
 
 # -----------------------------------------------------------------------------
@@ -768,6 +780,7 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
     epoch, batch) from `step` to `total`, the batch's tensors on the device. Keeps a
     tqdm bar per epoch (rank 0) in the meter and records when the batch was ready,
     so the meter knows how long the loop waited for data."""
+    from data import CaseReadError
     batches = iter(loader)
     meter.restart()
     while step < total:
@@ -776,8 +789,12 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
             meter.bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch),
                              initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch}", leave=False)
         # sample numbers (1-D integers) stay on the host: the augmentation reads them there
+        try:
+            got = next(batches)
+        except CaseReadError as e:  # a file that broke after check_cases; from a worker the message ends the traceback
+            raise UserError(str(e).strip().splitlines()[-1].split("CaseReadError: ", 1)[-1]) from None
         batch = [t if t.dim() == 1 and not t.is_floating_point() else t.to(meter.ctx.device, non_blocking=True)
-                 for t in next(batches)]
+                 for t in got]
         meter.t_data = time.perf_counter()
         yield step, epoch, batch
         step += 1
