@@ -4,12 +4,14 @@ order a training script uses them (facebookresearch/mae's util/misc.py is the mo
 Each script keeps its own loop inline; this file holds only what both loops need.
 
     ctx = setup(a.device)                               # torchrun's RANK / LOCAL_RANK / WORLD_SIZE
-    ck = resume_or_start(a, out, ctx)                   # ckpt.pt (or ckpt_prev.pt) with --resume, else None
+    ck = resume_or_start(a, out, ctx)                   # the folder's lock; ckpt.pt (or ckpt_prev.pt) with --resume, else None
+    check_cases(a.data, cases)                          # every .npy's header and size, before the first step
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     loader = make_loader(dataset, a.batch, step, total - step, ctx, a.workers)
     skipped = guarded_step(loss, opt, scaler, a.grad_clip)          # a device flag: no host sync
     save_all(ctx, [(state, out / "ckpt.pt", True)])     # finite weights only; the previous one kept
-    sys.exit(run_main("pretrain.py", train, a))         # exit codes 0 / 1 / 2
+    stop_if_signalled(ctx, step, saved, checkpoint, log, meter, (prog, out))  # SIGTERM: save this step, exit 3
+    sys.exit(run_main("pretrain.py", train, a))         # exit codes 0 / 1 / 2 / 3
 
 What keeps a week of training safe:
 - A step whose loss or gradients are not finite is skipped on the device (GradScaler's
@@ -18,8 +20,14 @@ What keeps a week of training safe:
 - A checkpoint is written only when every weight is finite, to a temporary file that
   is fsynced and renamed; the previous checkpoint stays as ckpt_prev.pt, so a failed
   or refused save never leaves the run without a good checkpoint.
-- log.jsonl is trimmed on resume (a line cut short by a kill is dropped) and JSON
-  written by the kit never holds NaN or Infinity (they become null).
+- ckpt_prev.pt is only replaced by a checkpoint that loads, and only once the new
+  ckpt.pt is complete; a full disk (whatever torch.save, gzip or np.save raise) is one
+  line naming the file and the free space, the old files intact.
+- SIGTERM / SIGINT / SIGUSR1 stop the run at a step boundary all ranks agree on, with
+  a checkpoint of that step (exit 3); one run per folder (RUN/.lock, a flock that dies
+  with its process); a killed run's temporary files go when the next one starts.
+- log.jsonl is trimmed on every start to the checkpoint's step (a line cut short by a
+  kill is dropped) and JSON written by the kit never holds NaN or Infinity (null).
 """
 import contextlib
 import json
