@@ -356,3 +356,23 @@ def test_kill_9_of_preprocess_leaves_no_worker(demo, tmp_path):
     for w in survivors:  # a failing test leaves nothing running either
         os.kill(w, signal.SIGKILL)
     assert not survivors
+
+
+def test_preflight_disk_need_counts_the_checkpoints_already_there(tmp_path, monkeypatch):
+    """A save's peak is three checkpoints (_prev, current, new); on resume those on disk
+    count, so a folder with room for one more is not refused."""
+    from types import SimpleNamespace
+    import models
+    model = models.build_model("unet_b", in_channels=1, mode="pretrain")
+    a = SimpleNamespace(no_preflight=False, patch=32, batch=2, dtype="fp32", checkpointing=False, workers=0)
+    ctx = SimpleNamespace(device=torch.device("cpu"), cuda=False, world=1, say=print)
+    est = training.estimate_memory(model, 32, 2)
+    ckpt = 2 * est["weights"] + est["optimizer"]
+    monkeypatch.setattr(training, "available_memory", lambda device: None)
+    monkeypatch.setattr(training, "free_disk", lambda path: int(1.5 * ckpt))
+    with pytest.raises(training.UserError, match="disk: the checkpoints need about"):
+        training.preflight(model, a, ctx, tmp_path, 1)
+    for name in ("ckpt.pt", "ckpt_prev.pt"):  # a run to resume (sparse files of a checkpoint's size)
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(ckpt)
+    training.preflight(model, a, ctx, tmp_path, 1)
