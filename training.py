@@ -150,7 +150,7 @@ def teardown():
 class StopSignals:
     """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's --signal) ask the run to stop: the
     handler only notes the signal, and the loop stops at the next step boundary, where
-    every rank agrees (stop_requested), saves the step reached and exits EXIT_SIGNAL.
+    every rank agrees (requested), saves the step reached and exits EXIT_SIGNAL.
     A second signal more than a second after the first exits at once (128 + signal);
     one within a second is the same request delivered twice (the scheduler signals
     torchrun and its workers, and torchrun forwards it). After the stop's checkpoint

@@ -81,7 +81,7 @@ def test_sigterm_saves_the_step_reached_and_resume_equals_a_straight_run(demo, t
     """SIGTERM to the process group, as a scheduler sends it: the DataLoader worker
     leaves it to the main process, which saves the step reached."""
     data = demo / "preprocessed"
-    args = [x if x != "0" else "1" for x in TINY] + ["--data", data, "--steps", "12", "--steps-per-epoch", "100",
+    args = [x if x != "0" else "1" for x in TINY] + ["--data", data, "--steps", "8", "--steps-per-epoch", "100",
                                                      "--val-fraction", "0", "--ckpt-every", "1000"]
     run = tmp_path / "stopped"
     p = launch(ROOT / "pretrain.py", *args, "--out", run)
@@ -91,7 +91,7 @@ def test_sigterm_saves_the_step_reached_and_resume_equals_a_straight_run(demo, t
     assert p.returncode == training.EXIT_SIGNAL == 3, err[-3000:]
     assert len(lines(err)) == 1 and "Traceback" not in err, err
     step = int(err.split("at step ")[1].split()[0])
-    assert 3 <= step < 12 and "resume with: python pretrain.py --out" in err
+    assert 3 <= step < 8 and "resume with: python pretrain.py --out" in err
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step  # mid-epoch, far from --ckpt-every
     assert logged(run)[-1] == {"step": step, "stopped": "SIGTERM"}
     # both in subprocesses with the same thread count as the interrupted part, so the float sums match
@@ -122,7 +122,7 @@ def test_sigterm_under_torchrun_two_processes(demo, tmp_path):
     forwards it too): both ranks stop at the same step, rank 0 saves it and says so
     once; each worker exits 3 (torchrun itself exits 1 whatever its workers' codes)."""
     run = tmp_path / "ddp"
-    args = TINY + ["--data", demo / "preprocessed", "--steps", "30", "--steps-per-epoch", "100", "--val-fraction", "0",
+    args = TINY + ["--data", demo / "preprocessed", "--steps", "12", "--steps-per-epoch", "100", "--val-fraction", "0",
                    "--out", run]
     p = launch("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", ROOT / "pretrain.py", *args)
     wait_for(lambda: len(logged(run)) >= 2, p)
@@ -132,7 +132,7 @@ def test_sigterm_under_torchrun_two_processes(demo, tmp_path):
     assert len(said) == 1 and "torchrun --nproc_per_node=2 pretrain.py" in said[0], err[-3000:]
     step = int(said[0].split("at step ")[1].split()[0])
     ck = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ck["step"] == step < 30 and ck["world"] == 2
+    assert ck["step"] == step < 12 and ck["world"] == 2
     assert logged(run)[-1] == {"step": step, "stopped": "SIGTERM"}
     assert "pretrain.py\", line" not in err and "training.py\", line" not in err  # no traceback of ours (torchrun prints its own)
 
@@ -140,7 +140,7 @@ def test_sigterm_under_torchrun_two_processes(demo, tmp_path):
 def test_sigterm_to_torchrun_workers_reports_exit_3(demo, tmp_path):
     """A signal to the workers alone: torchrun reports each worker's exit code 3."""
     run = tmp_path / "ddp"
-    args = TINY + ["--data", demo / "preprocessed", "--steps", "30", "--steps-per-epoch", "100", "--val-fraction", "0",
+    args = TINY + ["--data", demo / "preprocessed", "--steps", "8", "--steps-per-epoch", "100", "--val-fraction", "0",
                    "--out", run]
     p = launch("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542", ROOT / "pretrain.py", *args)
     wait_for(lambda: len(logged(run)) >= 2, p)
@@ -155,7 +155,7 @@ def test_sigterm_to_torchrun_workers_reports_exit_3(demo, tmp_path):
                         str(ROOT / "pretrain.py"), "--out", str(run), "--resume", "--quiet"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 30
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 8
 
 
 def children(pid):
@@ -177,7 +177,7 @@ def children(pid):
 
 def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(demo, tmp_path, capsys):
     run = tmp_path / "run"
-    args = TINY + ["--data", demo / "preprocessed", "--steps", "12", "--steps-per-epoch", "100", "--val-fraction", "0",
+    args = TINY + ["--data", demo / "preprocessed", "--steps", "8", "--steps-per-epoch", "100", "--val-fraction", "0",
                    "--ckpt-every", "3", "--out", run]
     p = launch(ROOT / "pretrain.py", *args)
     wait_for(lambda: (run / "ckpt.pt").exists(), p)
@@ -191,8 +191,8 @@ def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(demo, tmp_path,
     # its lock is left, but no process holds it: the resume takes it over and finishes the run
     assert (run / ".lock").exists()
     assert pretrain.main(["--out", str(run), "--resume", "--quiet"]) == 0
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 12
-    assert [r["step"] for r in logged(run) if "loss" in r] == list(range(1, 13))  # each step once
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 8
+    assert [r["step"] for r in logged(run) if "loss" in r] == list(range(1, 9))  # each step once
 
 
 # -----------------------------------------------------------------------------
