@@ -1037,6 +1037,18 @@ def crop_box(vol, start, size, value):
     return out
 
 
+class CaseReadError(ValueError):
+    """A preprocessed file that cannot be read (cut short, overwritten, gone)."""
+
+
+def load_case(path):
+    """A preprocessed array, memory-mapped; CaseReadError naming the file if that fails."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise CaseReadError(f"{path} cannot be read ({e}); rerun preprocess.py on its raw data (it redoes broken cases)") from None
+
+
 class _Base(torch.utils.data.Dataset):
     def __init__(self, root, cases=None, patch=128, preset="all", seed=0, split="train", aug_on="device", order=3,
                  recipe=RECIPE, clip=True, crops=1):
@@ -1074,7 +1086,7 @@ class _Base(torch.utils.data.Dataset):
         return draw_params(self.seed, k, self.preset, self.channels, self.patch, self.recipe, self.clip)
 
     def image(self, case):
-        return np.load(self.root / "images" / f"{case}.npy", mmap_mode="r")
+        return load_case(self.root / "images" / f"{case}.npy")
 
     def augment_tio(self, region, params, label=None):
         """The per-sample driver: the sample's rows as TorchIO transforms (AmaesSpatial,
@@ -1145,7 +1157,7 @@ class SegDataset(_Base):
         self._cls = {}  # case -> {label value: (N, 3) voxels}, nnU-Net's class_locations, per worker
 
     def label(self, case):
-        return np.load(self.root / "labels" / f"{case}.npy", mmap_mode="r")
+        return load_case(self.root / "labels" / f"{case}.npy")
 
     def foreground(self, case, lab):
         """Yucca's foreground locations: every 10th voxel of np.nonzero(label), all

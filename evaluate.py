@@ -60,7 +60,7 @@ from tqdm import tqdm
 import pictures
 import preprocess  # the geometry both ways (recipe and to_native) lives there, once
 from models import build_model
-from training import UserError, autocast_for
+from training import UserError, autocast_for, lock_folder, release_lock
 
 METRICS = ("dice", "jaccard", "sensitivity", "precision", "hd95_mm", "avd_percent")
 
@@ -761,6 +761,7 @@ def main(argv=None):
             bad = []
         if not cases:
             raise ValueError(f"no cases to evaluate ({'--images ' + a.images if a.images else '--split ' + a.split})")
+        lock_folder(a.out, "evaluation")  # one evaluation per folder; released when the process ends
     except (FileNotFoundError, ValueError, UserError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
@@ -769,13 +770,65 @@ def main(argv=None):
           + f": {len(cases)} case(s) -> {a.out}")
     if note:
         print(note)
-    (a.out / "predictions").mkdir(parents=True, exist_ok=True)
-    print(f"{info['arch']}, patch {info['patch']}, overlap {a.overlap}, blend {a.blend}{', tta' if a.tta else ''}")
+    try:
+        return evaluate_cases(a, run, path, model, info, autocast, ds, regions, rules, rule_text, names, cases, bad)
+    finally:
+        release_lock()
+
+
+def resumable(a, path, info):
+    """A rerun with the same settings (and the same checkpoint file) skips the cases
+    already done: each finished case leaves predictions/<case>.json (its metrics) next
+    to its NIfTI. Changed settings: every case is redone. metrics.json / .csv of an
+    earlier evaluation go now and come back complete at the end, so an interrupted
+    evaluation leaves none. Returns the set of cases done."""
+    pred = a.out / "predictions"
+    pred.mkdir(parents=True, exist_ok=True)
+    for stale in list(a.out.glob(".*.tmp")) + list(pred.glob(".*.tmp")):  # a killed write's; the lock says no one writes them
+        stale.unlink()
+    for name in ("metrics.json", "metrics.csv", "failed.json"):
+        (a.out / name).unlink(missing_ok=True)
+    st = path.stat()
+    settings = {"checkpoint": str(path.resolve()), "checkpoint_size": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns,
+                "step": info.get("step"), "data": str(Path(a.images or a.data).resolve()), "split": a.split,
+                "overlap": a.overlap, "blend": a.blend, "tta": a.tta, "dtype": a.dtype, "raw_root": a.raw_root,
+                "metrics": a.metrics, "pictures": not a.no_pictures}
+    f = a.out / "settings.json"
+    same = f.exists() and json.loads(f.read_text()) == json.loads(json.dumps(settings))
+    if not same:
+        for done in pred.glob("*.json"):
+            done.unlink()
+        preprocess.save_json(f, settings)
+    return {d.stem for d in pred.glob("*.json") if (pred / f"{d.stem}.nii.gz").exists()}
+
+
+def nan_for_null(x):
+    """JSON's null back to NaN in a case's metrics (undefined values were written as null)."""
+    if isinstance(x, dict):
+        return {k: nan_for_null(v) for k, v in x.items()}
+    return float("nan") if x is None else x
+
+
+def evaluate_cases(a, run, path, model, info, autocast, ds, regions, rules, rule_text, names, cases, bad):
+    """Predict (and score) every case, skipping those a killed run of the same settings
+    finished; metrics.json / .csv, the pictures' page and the table at the end."""
+    done = resumable(a, path, info)
+    print(f"{info['arch']}, patch {info['patch']}, overlap {a.overlap}, blend {a.blend}{', tta' if a.tta else ''}, "
+          f"metrics {a.metrics}")
     rows, failed = [], [{"case": c, "reason": r} for c, r in bad]
     for c, r in bad:
         print(f"FAILED {c}: {r}")
+    if done & {c for c, _ in cases}:
+        print(f"{len(done & {c for c, _ in cases})} case(s) already done with these settings (predictions/<case>.json): skipped")
     for case, files in tqdm(cases, desc="inference", unit="case", disable=a.quiet):
+        record = a.out / "predictions" / f"{case}.json"
+        if case in done:
+            m = json.loads(record.read_text())["metrics"]
+            if m is not None:
+                rows.append({"case": case, "metrics": nan_for_null(m)})
+            continue
         try:
+            m = None
             if files is not None:  # --images: preprocess on the fly
                 image, meta = preprocess_raw(files, info.get("transpose"))
             else:
@@ -804,6 +857,7 @@ def main(argv=None):
                 ref_ = ref if files is None and meta.get("source_label") else None
                 title = case + (f" dice {case_dice(rows[-1]):.3f}" if ref_ is not None else "")
                 case_picture(a.out / "pictures" / f"{case}.png", meta, native, ref_, title)
+            preprocess.save_json(record, {"case": case, "metrics": m})  # this case is done
         except (preprocess.CaseError, OSError, ValueError) as e:
             failed.append({"case": case, "reason": str(e)})
             print(f"FAILED {case}: {e}")

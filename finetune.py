@@ -66,9 +66,10 @@ from evaluate import sliding_window
 import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import ArgumentParser, save_json
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases,
-                      check_run_flags, gather, guarded_step,
-                      load_pretrained_file, make_loader, make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_cases, check_patch,
+                      check_resumed_cases, check_run_flags, gather, guarded_step, load_pretrained_file, make_loader,
+                      make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr,
+                      setup, steps, stop_if_signalled, stopped, user_input, wrap)
 
 
 
@@ -267,6 +268,7 @@ def train(a):
         n_val = min(a.val_cases, len(rest))
         val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, n_val, replace=False).tolist()) if n_val else []
         check_resumed_cases(ck, a.data, chosen, val_cases)
+        check_cases(a.data, chosen + val_cases, labels=True)  # a truncated file named now, not after some steps
         if not a.no_preflight:
             data.check_finite(a.data, (chosen + val_cases)[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))
         ignore = ds_json.get("ignore_label")  # e.g. WMH's "other pathology": no class, no loss
@@ -390,7 +392,7 @@ def train(a):
         step = s + 1
         epoch_end = step % spe == 0 or step == total
         validating = bool(val_cases) and epoch_end and ((epoch + 1) % a.val_every == 0 or step == total)
-        if step % a.log_every == 0 or step == total or validating or step % a.ckpt_every == 0:
+        if step % a.log_every == 0 or step == total or validating or epoch_end or step % a.ckpt_every == 0:
             meter.check(log, out / "ckpt.pt", saved)  # skipped steps: logged, or too many in a row: stop
         if step % a.log_every == 0 or step == total:
             log(dict(step=step, epoch=epoch, lr=lr, **meter.row(bp * ctx.world)))
@@ -406,21 +408,23 @@ def train(a):
                 pictures.progress_png(out / "log.jsonl", out / "progress.png")
             except OSError as e:  # a picture is not worth a run: say so and train on
                 say(f"progress.png not written ({e})")
-        if is_best or step % a.ckpt_every == 0 or step == total:
+        if is_best or epoch_end or step % a.ckpt_every == 0 or step == total:  # each epoch end, as pretrain.py
             try:
                 checkpoint(is_best)
             except StopRun as e:
                 raise stopped(step, str(e), out / "ckpt.pt", saved) from None
             saved = step
-        if validating or is_best or step % a.ckpt_every == 0:
+        if validating or epoch_end or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
+        stop_if_signalled(ctx, step, saved, checkpoint, log, meter, ("finetune.py", out))  # SIGTERM & co: save this step, exit 3
     say(f"done: {out / 'ckpt.pt'} (the last weights)" + (f", {out / 'best.pt'} (best validation Dice {best:.4f})" if val_cases else "")
         + f"; next: python evaluate.py --run {shlex.quote(str(out))}")
     return model
 
 
 def main(argv=None):
-    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs."""
+    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs,
+    3 stopped by SIGTERM / SIGINT / SIGUSR1 with the step reached saved."""
     return run_main("finetune.py", train, get_args(argv))
 
 

@@ -708,8 +708,27 @@ def jobs(cases):
     return [sorted(g, key=lambda c: c.get("volume") or 0) for g in groups.values()]
 
 
-def init_worker():
+def init_worker(parent=None):
+    """Pool worker set-up: one thread per process, and the worker ends with its parent
+    however the parent dies (kill -9 included): Linux's PR_SET_PDEATHSIG sends it
+    SIGKILL then, and a thread watching the parent pid covers other systems."""
     torch.set_num_threads(1)  # one process per core
+    if parent is None:
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    import threading
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # -----------------------------------------------------------------------------
@@ -820,7 +839,7 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
         print(f"FAILED {f['case']}: {f['reason']}", file=sys.stderr)
     work = jobs(todo)
     if workers > 1 and len(work) > 1:
-        pool = cf.ProcessPoolExecutor(workers, initializer=init_worker)
+        pool = cf.ProcessPoolExecutor(workers, initializer=init_worker, initargs=(os.getpid(),))
         results = pool.map(worker, work, [out] * len(work), [allowed] * len(work), chunksize=1)
     else:
         pool, results = None, (worker(j, out, allowed) for j in work)

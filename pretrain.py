@@ -76,9 +76,10 @@ import data
 import pictures
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import ArgumentParser, write_atomic
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch, check_resumed_cases,
-                      check_run_flags, gather, load_pretrained_file, guarded_step, make_loader, make_optimizer, preflight,
-                      precision, open_run, resume_or_start, restore, run_main, save_all, set_lr, setup, steps, stopped, user_input, wrap)
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_cases, check_patch,
+                      check_resumed_cases, check_run_flags, gather, load_pretrained_file, guarded_step, make_loader,
+                      make_optimizer, preflight, precision, open_run, resume_or_start, restore, run_main, save_all, set_lr,
+                      setup, steps, stop_if_signalled, stopped, user_input, wrap, write_file)
 
 METHODS = ("amaes", "mae", "swin_ssl")
 INTERP = {"cubic": 3, "linear": 1}
@@ -261,10 +262,10 @@ def compute_loss(model, inp, target, a, key, autocast):
 
 
 def save_nifti(path, x):
-    """(C, X, Y, Z) array -> NIfTI (1 mm, RAS, as preprocessed), written atomically."""
+    """(C, X, Y, Z) array -> NIfTI (1 mm, RAS, as preprocessed), written atomically (a full disk: StopRun)."""
     x = np.asarray(x, dtype=np.float32)
     x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
-    write_atomic(path, lambda p: p.write_bytes(gzip.compress(nib.Nifti1Image(x, np.eye(4)).to_bytes(), compresslevel=1)))
+    write_file(path, lambda p: p.write_bytes(gzip.compress(nib.Nifti1Image(x, np.eye(4)).to_bytes(), compresslevel=1)))
 
 
 def load_weights_by_name(model, pre, path):
@@ -299,6 +300,7 @@ def train(a):
         val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
         train_cases = [c for c in cases if c not in val_cases]
         check_resumed_cases(ck, a.data, train_cases, val_cases)
+        check_cases(a.data, train_cases + val_cases)  # a truncated file named now, not after some steps
         if not a.no_preflight and (ck is None or "data" in a.given):  # one read of every volume: at the start only
             data.check_finite(a.data, cases[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))  # a share each
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
@@ -371,15 +373,19 @@ def train(a):
             return None
         model.eval()
         tot = cnt = 0.0
+        err = ""
         for k in range(ctx.rank, len(val_cases), ctx.world):
             inp, target, _ = val_ds.sample(k)
             inp, target = inp[None].to(ctx.device), target[None].to(ctx.device)
             loss, _, (x, y, t) = compute_loss(model, inp, target, a, (a.seed, 2 ** 31 - 1, k), autocast)
             tot, cnt = tot + loss.item(), cnt + 1
             if k == 0:  # rank 0 writes the first example
-                for name, v in (("input", x), ("reconstruction", y), ("target", t)):
-                    save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
-                if not a.no_pictures:  # the same, as one PNG: channel 0, three slices through the patch centre
+                try:
+                    for name, v in (("input", x), ("reconstruction", y), ("target", t)):
+                        save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
+                except StopRun as e:  # a full disk: every rank stops below, none waits for rank 0
+                    err = str(e)
+                if not a.no_pictures and not err:  # the same, as one PNG: channel 0, three slices through the patch centre
                     vols = [v[0, 0].float().cpu().numpy() for v in (inp, x, y, t)]  # 4 x (P, P, P)
                     try:
                         pictures.save_png(out / "samples" / f"step{step:07d}.png", pictures.volumes_picture(
@@ -387,7 +393,9 @@ def train(a):
                     except OSError as e:  # a picture is not worth a run: say so and train on
                         say(f"validation picture not written ({e})")
         model.train()
-        tot, cnt = all_sum(ctx, tot, cnt)
+        tot, cnt, failed = all_sum(ctx, tot, cnt, bool(err))
+        if failed:
+            raise stopped(step, err or "rank 0 could not write its samples", out / "ckpt.pt", saved)
         return tot / cnt
 
     if step >= total:
@@ -430,12 +438,14 @@ def train(a):
             saved = step
         if epoch_end or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
+        stop_if_signalled(ctx, step, saved, checkpoint, log, meter, ("pretrain.py", out))  # SIGTERM & co: save this step, exit 3
     say(f"done: {out / 'encoder.pt'} (for finetune.py --pretrained), log {out / 'log.jsonl'}, samples {out / 'samples'}")
     return model
 
 
 def main(argv=None):
-    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs."""
+    """Exit status: 0 done, 1 stopped (non-finite steps or weights, a full disk), 2 bad flags or inputs,
+    3 stopped by SIGTERM / SIGINT / SIGUSR1 with the step reached saved."""
     return run_main("pretrain.py", train, get_args(argv))
 
 

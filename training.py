@@ -4,12 +4,14 @@ order a training script uses them (facebookresearch/mae's util/misc.py is the mo
 Each script keeps its own loop inline; this file holds only what both loops need.
 
     ctx = setup(a.device)                               # torchrun's RANK / LOCAL_RANK / WORLD_SIZE
-    ck = resume_or_start(a, out, ctx)                   # ckpt.pt (or ckpt_prev.pt) with --resume, else None
+    ck = resume_or_start(a, out, ctx)                   # the folder's lock; ckpt.pt (or ckpt_prev.pt) with --resume, else None
+    check_cases(a.data, cases)                          # every .npy's header and size, before the first step
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     loader = make_loader(dataset, a.batch, step, total - step, ctx, a.workers)
     skipped = guarded_step(loss, opt, scaler, a.grad_clip)          # a device flag: no host sync
     save_all(ctx, [(state, out / "ckpt.pt", True)])     # finite weights only; the previous one kept
-    sys.exit(run_main("pretrain.py", train, a))         # exit codes 0 / 1 / 2
+    stop_if_signalled(ctx, step, saved, checkpoint, log, meter, (prog, out))  # SIGTERM: save this step, exit 3
+    sys.exit(run_main("pretrain.py", train, a))         # exit codes 0 / 1 / 2 / 3
 
 What keeps a week of training safe:
 - A step whose loss or gradients are not finite is skipped on the device (GradScaler's
@@ -18,14 +20,24 @@ What keeps a week of training safe:
 - A checkpoint is written only when every weight is finite, to a temporary file that
   is fsynced and renamed; the previous checkpoint stays as ckpt_prev.pt, so a failed
   or refused save never leaves the run without a good checkpoint.
-- log.jsonl is trimmed on resume (a line cut short by a kill is dropped) and JSON
-  written by the kit never holds NaN or Infinity (they become null).
+- ckpt_prev.pt is only replaced by a checkpoint that loads, and only once the new
+  ckpt.pt is complete; a full disk (whatever torch.save, gzip or np.save raise) is one
+  line naming the file and the free space, the old files intact.
+- SIGTERM / SIGINT / SIGUSR1 stop the run at a step boundary all ranks agree on, with
+  a checkpoint of that step (exit 3); one run per folder (RUN/.lock, a flock that dies
+  with its process); a killed run's temporary files go when the next one starts.
+- log.jsonl is trimmed on every start to the checkpoint's step (a line cut short by a
+  kill is dropped) and JSON written by the kit never holds NaN or Infinity (null).
 """
 import contextlib
+import errno
 import json
 import os
+import signal
+import socket
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -47,6 +59,15 @@ class UserError(Exception):
 
 class StopRun(Exception):
     """The run cannot go on (non-finite steps, weights or a full disk): exit 1 with this message."""
+
+
+class Interrupted(Exception):
+    """SIGTERM / SIGINT / SIGUSR1 stopped the run at a step boundary after saving that
+    step: exit EXIT_SIGNAL with this message (how to resume)."""
+
+
+EXIT_SIGNAL = 3  # "stopped by a signal, the step reached is saved": a requeue script resubmits with --resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @contextlib.contextmanager
@@ -125,6 +146,103 @@ def setup(device="auto"):
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
+    STOP.uninstall()
+    release_lock()
+
+
+class StopSignals:
+    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's --signal) ask the run to stop: the
+    handler only notes the signal, and the loop stops at the next step boundary, where
+    every rank agrees (requested), saves the step reached and exits EXIT_SIGNAL.
+    A second signal more than a second after the first exits at once (128 + signal);
+    one within a second is the same request delivered twice (the scheduler signals
+    torchrun and its workers, and torchrun forwards it). After the stop's checkpoint
+    is written, further signals are ignored: the process is on its way out."""
+
+    def __init__(self):
+        self.got, self.at, self.saved, self.old, self.pending = None, 0.0, False, {}, None
+
+    def install(self):
+        self.got, self.saved, self.pending = None, False, None
+        if self.old or not threading_main():
+            return
+        for s in STOP_SIGNALS:
+            self.old[s] = signal.signal(s, self.handler)
+
+    def uninstall(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+    def handler(self, signum, frame):
+        if self.got is None:
+            self.got, self.at = signum, time.monotonic()
+        elif not self.saved and time.monotonic() - self.at > 1.0:
+            os._exit(128 + signum)
+
+    def name(self):
+        return signal.Signals(self.got).name if self.got is not None else "a signal to another rank"
+
+    def requested(self, ctx):
+        """Whether any rank got a stop signal; the same answer on every rank. One
+        process: the flag now. Several: the all-reduced flag of the previous step
+        boundary, so the host never waits for the device's current step (every rank
+        reads the same collective, so all stop at the same step)."""
+        if ctx.world == 1:
+            return self.got is not None
+        flag = torch.full((1,), float(self.got is not None), device=ctx.device)  # a fill kernel: no host sync
+        dist.all_reduce(flag)
+        prev, self.pending = self.pending, flag
+        return prev is not None and prev.item() > 0
+
+
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+STOP = StopSignals()
+
+
+def worker_signals(worker_id=None):
+    """DataLoader worker_init_fn: a signal to the whole process group (Ctrl-C, a
+    scheduler's SIGTERM) is the main process's to handle; a worker killed by it would
+    end the run with a traceback instead of a checkpoint. SIGINT and SIGUSR1 are
+    ignored; SIGTERM is waited for in a thread and obeyed only when it comes from the
+    parent (the DataLoader's own terminate()) or the parent is gone."""
+    import threading
+    for s in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(128 + signal.SIGTERM)
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def stop_if_signalled(ctx, step, saved, save, log, meter, prog_out):
+    """At a step boundary: when a stop signal came (to any rank), save the step reached
+    (unless it was just saved), log {"step", "stopped"} and raise Interrupted on every
+    rank. save() is the script's checkpoint(); prog_out = (script, out) for the hint."""
+    if not STOP.requested(ctx):
+        return
+    if meter.bar is not None:  # the line that follows starts on a line of its own
+        meter.bar.close()
+        meter.bar = None
+    if saved != step:
+        try:
+            save()
+        except StopRun as e:
+            raise stopped(step, str(e), prog_out[1] / "ckpt.pt", saved) from None
+    STOP.saved = True
+    log({"step": step, "stopped": STOP.name()})
+    launch = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
+    raise Interrupted(f"stopped by {STOP.name()} at step {step} ({prog_out[1] / 'ckpt.pt'} saved); resume with: "
+                      f"{launch} {prog_out[0]} --out {prog_out[1]} --resume")
 
 
 def all_sum(ctx, *xs):
@@ -142,6 +260,38 @@ def gather(ctx, items):
     parts = [None] * ctx.world
     dist.all_gather_object(parts, list(items))
     return [x for part in parts for x in part]
+
+
+def check_cases(root, cases, labels=False):
+    """Before the first step, every case the run reads: images/<case>.npy (and
+    labels/<case>.npy) has a readable header, a file size that matches it (a file cut
+    short by a kill or a full disk does not) and label and image grids that agree,
+    as nnU-Net's --verify_dataset_integrity. Reads headers only. UserError naming the
+    first bad file (one line, exit 2: rerunning preprocess.py redoes that case)."""
+    import numpy as np
+    root = Path(root)
+    for case in cases:
+        shape = None
+        for sub in ("images", "labels") if labels else ("images",):
+            f = root / sub / f"{case}.npy"
+            try:
+                with open(f, "rb") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shp, _, dtype = read(fh)
+                    need = fh.tell() + int(np.prod(shp)) * dtype.itemsize
+                have = f.stat().st_size
+            except FileNotFoundError:
+                raise UserError(f"{f} is missing; rerun preprocess.py on {root}'s raw data (it redoes missing cases)") from None
+            except (OSError, ValueError, EOFError) as e:
+                raise UserError(f"{f} is not a readable .npy ({e}); rerun preprocess.py on {root}'s raw data "
+                                "(it redoes broken cases)") from None
+            if have < need:
+                raise UserError(f"{f} is truncated ({have} of {need} bytes); rerun preprocess.py on {root}'s raw data "
+                                "(it redoes broken cases)")
+            if shape is not None and tuple(shp) != tuple(shape[1:]):
+                raise UserError(f"{f} has shape {tuple(shp)}, its image {tuple(shape)}; rerun preprocess.py on {root}'s raw data")
+            shape = shp
 
 
 def default_workers():
@@ -172,7 +322,66 @@ def make_loader(dataset, batch, start_step, steps, ctx, workers=None):
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=StepSampler(start_step, steps, batch, ctx.rank, ctx.world),
-        num_workers=workers, pin_memory=ctx.cuda, prefetch_factor=4 if workers else None)
+        num_workers=workers, pin_memory=ctx.cuda, prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_signals if workers else None)
+
+
+# -----------------------------------------------------------------------------
+# One run per folder
+
+LOCK = {}  # path -> open file holding the lock, for this process's life
+
+
+def job_id():
+    for k in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "TORCHELASTIC_RUN_ID"):
+        if os.environ.get(k):
+            return f"{k}={os.environ[k]}"
+    return None
+
+
+def lock_folder(folder, what="run"):
+    """Take the lock of `folder` (created if missing): FOLDER/.lock, an exclusive
+    flock held until this process ends, holding the owner's host, pid and job id.
+    Another live process holding it: UserError naming it (one line, exit 2). A lock
+    file whose process is gone (killed, node rebooted) holds no flock and is taken
+    over, so a killed run never blocks its own resume."""
+    import fcntl
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{folder} is in use by {holder}; wait for it to end, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{what} {Path(sys.argv[0]).name} (host {socket.gethostname()}, pid {os.getpid()}"
+            + (f", job {job_id()}" if job_id() else "") + ")\n")
+    f.flush()
+    LOCK[path] = f
+
+
+def release_lock():
+    for f in LOCK.values():
+        f.close()  # the file stays (unlinking it could let two later processes lock two files)
+    LOCK.clear()
+
+
+def lock_run(out, ctx):
+    """Rank 0 takes the lock of the run folder (lock_folder); every rank learns
+    whether it did, so all stop alike."""
+    err = None
+    if ctx.master:
+        try:
+            lock_folder(out)
+        except UserError as e:
+            err = e
+    if all_sum(ctx, err is not None)[0]:
+        raise err or UserError(f"{out} is in use by another process")
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +414,11 @@ def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS, script=None):
     why = unwritable(out)
     if why:
         raise UserError(f"--out {out}: {why}; choose another --out")
+    lock_run(out, ctx)  # one run per folder, before anything in it is read
+    STOP.install()
+    if ctx.master:
+        for stale in list(out.glob(".*.tmp")) + list(out.glob("*/.*.tmp")):  # a killed save's; the lock says no one writes them
+            stale.unlink(missing_ok=True)
     path, ck = find_checkpoint(out)
     if ck is None:
         if any((out / n).exists() for n in ("ckpt.pt", "ckpt_prev.pt")):
@@ -463,8 +677,8 @@ def free_disk(path):
 
 def preflight(model, a, ctx, out, sample_bytes, optimizer="adamw", other_files=0):
     """Before the first step: the memory the run needs (estimate_memory) against what
-    the device has, DataLoader batches in flight against /dev/shm, two checkpoints
-    against the disk of --out. Something that does not fit: UserError (one line,
+    the device has, DataLoader batches in flight against /dev/shm, the checkpoints
+    the run will write against the disk of --out. Something that does not fit: UserError (one line,
     exit 2) naming the need, what is available and settings that would fit; within
     15 % of the limit: a warning. --no-preflight skips it."""
     if a.no_preflight:
@@ -509,10 +723,13 @@ def _preflight(model, a, ctx, out, sample_bytes, optimizer, other_files):
         w = int(shm // (4 * a.batch * sample_bytes))
         problems.append(f"/dev/shm: {workers} DataLoader workers hold about {size(shm_need)} of batches in flight and "
                         f"{size(shm)} are free; use --workers {w} or run Docker with a larger --shm-size (e.g. 16g)")
-    ckpt = est["weights"] + est["optimizer"] + est["weights"]  # ckpt.pt (weights + optimiser) and encoder.pt at most
-    disk, disk_need = free_disk(out), 2 * ckpt + other_files
+    # what the run writes: ckpt.pt (weights + optimiser) and encoder.pt / best.pt (weights), three of each at the
+    # peak of a save (the _prev file, the current one, the new one in its temp file); less what is there already
+    ckpt = est["weights"] + est["optimizer"] + est["weights"]
+    there = sum((out / n).stat().st_size for n in ("ckpt.pt", "ckpt_prev.pt", "encoder.pt", "best.pt") if (out / n).exists())
+    disk, disk_need = free_disk(out), max(0, 3 * ckpt - there) + other_files
     if disk_need > disk:
-        problems.append(f"disk: two checkpoints need about {size(disk_need)} on {out} and {size(disk)} are free; "
+        problems.append(f"disk: the checkpoints need about {size(disk_need)} more on {out} and {size(disk)} are free; "
                         "free space or choose another --out")
     if problems:
         raise UserError("pre-flight: " + " | ".join(problems) + " (--no-preflight skips this check)")
@@ -623,6 +840,7 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
     epoch, batch) from `step` to `total`, the batch's tensors on the device. Keeps a
     tqdm bar per epoch (rank 0) in the meter and records when the batch was ready,
     so the meter knows how long the loop waited for data."""
+    from data import CaseReadError
     batches = iter(loader)
     meter.restart()
     while step < total:
@@ -631,8 +849,12 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
             meter.bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch),
                              initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch}", leave=False)
         # sample numbers (1-D integers) stay on the host: the augmentation reads them there
+        try:
+            got = next(batches)
+        except CaseReadError as e:  # a file that broke after check_cases; from a worker the message ends the traceback
+            raise UserError(str(e).strip().splitlines()[-1].split("CaseReadError: ", 1)[-1]) from None
         batch = [t if t.dim() == 1 and not t.is_floating_point() else t.to(meter.ctx.device, non_blocking=True)
-                 for t in next(batches)]
+                 for t in got]
         meter.t_data = time.perf_counter()
         yield step, epoch, batch
         step += 1
@@ -649,22 +871,56 @@ def non_finite(state):
     return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+def loads(path):
+    """Whether the checkpoint at `path` loads: its zip index and every record are
+    there (a file cut short by a kill or a full disk fails). mmap: nothing is read."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception:
+        return False
+
+
+def write_error(e):
+    """What a failed write says when the disk is at fault (full, a file size limit,
+    an I/O error): an OSError, or torch.save's RuntimeError from its zip writer
+    ("unexpected pos", "file write failed"). None for anything else (a bug)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    msg = str(e)
+    if isinstance(e, RuntimeError) and ("write" in msg or "unexpected pos" in msg):
+        return "the write failed: torch.save says " + msg.strip().splitlines()[0].split("] ")[-1].strip(" .")[:120]
+    return None
+
+
+def write_file(path, write, keep=None):
+    """write_atomic(path, write, keep); a failed write (a full disk) becomes StopRun:
+    one line naming the file, what the system said and the free space. Nothing is
+    left behind: the temporary file is removed and `path` is the old file."""
+    try:
+        write_atomic(path, write, keep=keep)
+    except Exception as e:
+        why = write_error(e)
+        if why is None:
+            raise
+        raise StopRun(f"could not write {path} ({why}; {size(free_disk(path.parent))} free there); "
+                      "free space on that disk or use another --out") from None
+
+
 def save_checkpoint(state, path, keep_prev=True):
     """Write `state` (a dict with "model" or "encoder" weights) to `path` atomically
-    (temp file, fsync, rename), keeping the file it replaces as <name>_prev.pt.
-    Weights that are not all finite are refused (StopRun) and nothing is written. The
-    older _prev file is removed first, so the run needs room for two checkpoints."""
+    (temp file, fsync, rename). The file it replaces becomes <name>_prev.pt, but
+    only if it loads (after a kill cut it short it is replaced, and the good _prev
+    stays); the old _prev goes only when the new file is complete, so a save needs
+    room for three checkpoints. Weights that are not all finite are refused (StopRun)
+    and nothing is written; a full disk: StopRun, the old files intact."""
     bad = non_finite(state.get("model") or state.get("encoder"))
     if bad:
         raise StopRun(f"the weights became non-finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                       f"not saved over {path}")
     prev = path.with_name(path.stem + "_prev" + path.suffix) if keep_prev else None
-    if prev is not None:
-        prev.unlink(missing_ok=True)
-    try:
-        write_atomic(path, lambda p: torch.save(state, p), keep=prev)
-    except OSError as e:
-        raise StopRun(f"could not write {path} ({e.strerror or e}); free space on that disk or use another --out") from None
+    keep = prev if prev is not None and path.exists() and loads(path) else None
+    write_file(path, lambda p: torch.save(state, p), keep=keep)
 
 
 def save_all(ctx, saves):
@@ -697,10 +953,12 @@ def open_run(out, a, ck, step, ctx):
         try:
             out.mkdir(parents=True, exist_ok=True)
             write_args(out / "args.json", a, ck is not None)
-            if ck is not None:
-                trim_log(out / "log.jsonl", step)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # a full disk: as every write of the run says it
+                raise StopRun(f"could not write {out / 'args.json'} ({e.strerror}; {size(free_disk(out))} free there); "
+                              "free space on that disk or use another --out") from None
             raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another --out") from None
+        trim_log(out / "log.jsonl", step)  # also without a checkpoint: a run killed before its first one starts anew
     return (lambda row: append_log(out / "log.jsonl", row)) if ctx.master else (lambda row: None)
 
 
@@ -720,8 +978,8 @@ def write_args(path, a, resumed):
 
 
 def trim_log(path, step):
-    """On resume: keep the log lines up to `step` (later ones are redone), drop a
-    line a killed run left half-written, rewrite atomically."""
+    """On every (re)start: keep the log lines up to `step`, the checkpoint's (later
+    ones are redone), drop a line a killed run left half-written, rewrite atomically."""
     if not path.exists():
         return
     keep = []
@@ -732,20 +990,25 @@ def trim_log(path, step):
             continue
         if row.get("step", 0) <= step:
             keep.append(ln)
-    write_atomic(path, lambda p: p.write_text("".join(ln + "\n" for ln in keep)))
+    write_file(path, lambda p: p.write_text("".join(ln + "\n" for ln in keep)))
 
 
 def append_log(path, row):
-    """One JSON line (NaN and Infinity written as null)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(clean_json(row), allow_nan=False) + "\n")
+    """One JSON line (NaN and Infinity written as null); a full disk: StopRun."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(clean_json(row), allow_nan=False) + "\n")
+    except OSError as e:
+        raise StopRun(f"could not write {path} ({e.strerror or e}; {size(free_disk(path.parent))} free there); "
+                      "free space on that disk or use another --out") from None
 
 
 # -----------------------------------------------------------------------------
 
 def run_main(prog, train, a):
     """Run train(a); exit status 0 done, 1 stopped (StopRun: one line), 2 user error
-    (one line). Anything else is a bug and keeps its traceback (exit 1)."""
+    (one line), EXIT_SIGNAL (3) stopped by a signal with the step reached saved (one
+    line: how to resume). Anything else is a bug and keeps its traceback (exit 1)."""
     say = os.environ.get("RANK", "0") == "0"  # every rank stops alike; rank 0 says why
     try:
         train(a)
@@ -758,6 +1021,10 @@ def run_main(prog, train, a):
         if say:
             print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        if say:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_SIGNAL
     except OSError as e:  # a --data folder removed or unmounted under the run: the user's, not a bug
         data = getattr(a, "data", None)
         if data is None or (os.path.exists(os.path.join(data, "dataset.json")) and os.path.exists(os.path.join(data, "images"))):

@@ -100,7 +100,7 @@ def test_small_shm_and_full_disk(demo, tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     monkeypatch.setattr(training, "free_disk", lambda path: 10 * 2 ** 20)
     assert run(demo, tmp_path, *args) == 2
-    assert "pre-flight: disk: two checkpoints need about" in capsys.readouterr().err
+    assert "pre-flight: disk: the checkpoints need about" in capsys.readouterr().err
 
 
 def test_no_preflight_skips_it(demo, tmp_path, monkeypatch):
