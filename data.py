@@ -131,7 +131,7 @@ def check_finite(root, cases, share=list):
     and pool what they found (training.gather), so every one stops alike."""
     bad = []
     for case in cases:
-        x = np.load(Path(root, "images", f"{case}.npy"), mmap_mode="r")
+        x = load_case(Path(root, "images", f"{case}.npy"))  # a broken file: CaseReadError naming it
         if not all(np.isfinite(x[c]).all() for c in range(x.shape[0])):  # a channel at a time: little memory
             bad.append(case)
     bad = share(bad)
@@ -1046,6 +1046,10 @@ def load_case(path):
     try:
         return np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
+        root = Path(path).parents[1]
+        if isinstance(e, FileNotFoundError) and not (root / "dataset.json").exists():  # the whole folder went
+            raise CaseReadError(f"--data {root} disappeared during the run ({type(e).__name__}); put it back and "
+                                "continue with --resume") from None
         raise CaseReadError(f"{path} cannot be read ({e}); rerun preprocess.py on its raw data (it redoes broken cases)") from None
 
 

@@ -37,6 +37,7 @@ Exit status: 0 when every input was used, 1 when any case failed, 2 for bad flag
 """
 import argparse
 import concurrent.futures as cf
+import functools
 import json
 import math
 import os
@@ -753,15 +754,18 @@ def header_geometry(c):
     for channels resampled onto it), as Yucca's dataset properties list every image. A
     header that cannot be read adds nothing (the case fails on its own later)."""
     files = [c["label"]] * len(c["files"]) if c.get("onto_label") and c["label"] else c["files"]
-    out = []
-    for f in files:
-        try:
-            h = nib.load(f).header
-        except Exception:
-            continue
-        if len(h.get_data_shape()) >= 3:  # a 2D file fails on its own later
-            out.append((h.get_data_shape()[:3], h.get_zooms()[:3]))
-    return out
+    return [g for g in map(_header_geometry, files) if g is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def _header_geometry(f):
+    """(shape, spacing) of the first 3 axes from f's header (read once per file: the
+    volumes of a 4D file share it), or None for a file that is unreadable or 2D."""
+    try:
+        h = nib.load(f).header
+    except Exception:
+        return None
+    return (h.get_data_shape()[:3], h.get_zooms()[:3]) if len(h.get_data_shape()) >= 3 else None
 
 
 def plan_transpose(geometry):
@@ -820,6 +824,7 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
         print(f"preprocess.py: {inp} ({fmt or ('nnU-Net labelled' if labelled else 'unlabelled')}"
               f"{', pretraining volumes' if pretraining else ''}, {len(cases)} case(s) found) -> {out}")
     allowed = label_values(ds_meta)
+    _header_geometry.cache_clear()  # headers as they are now
     plan = plan_transpose([g for c in cases if c["split"] == "train" for g in header_geometry(c)]) \
         if transpose == "auto" else [0, 1, 2]
     if plan != [0, 1, 2] and not quiet:

@@ -330,6 +330,7 @@ def make_loader(dataset, batch, start_step, steps, ctx, workers=None):
 # One run per folder
 
 LOCK = {}  # path -> open file holding the lock, for this process's life
+NEW_FOLDERS = set()  # run folders lock_folder made (release_lock may remove them again when still empty)
 
 
 def job_id():
@@ -347,6 +348,8 @@ def lock_folder(folder, what="run"):
     over, so a killed run never blocks its own resume."""
     import fcntl
     folder = Path(folder)
+    if not folder.exists():
+        NEW_FOLDERS.add(folder)  # made for this run: a run refused before it wrote anything leaves no folder
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
     f = open(path, "a+")
@@ -365,10 +368,17 @@ def lock_folder(folder, what="run"):
     LOCK[path] = f
 
 
-def release_lock():
-    for f in LOCK.values():
-        f.close()  # the file stays (unlinking it could let two later processes lock two files)
+def release_lock(discard_new=False):
+    """Close the locks this process holds; their files stay (unlinking one could let two
+    later processes lock two files). discard_new: a folder the lock itself created and
+    that holds nothing else (a run refused before its first write) is removed."""
+    for path, f in LOCK.items():
+        if discard_new and path.parent in NEW_FOLDERS and [p.name for p in path.parent.iterdir()] == [".lock"]:
+            path.unlink()
+            path.parent.rmdir()
+        f.close()
     LOCK.clear()
+    NEW_FOLDERS.clear()
 
 
 def lock_run(out, ctx):
@@ -1016,6 +1026,7 @@ def run_main(prog, train, a):
     except UserError as e:
         if say:
             print(f"{prog}: error: {e}", file=sys.stderr)
+        release_lock(discard_new=True)
         return 2
     except StopRun as e:
         if say:
