@@ -123,6 +123,44 @@ def read_dataset(root):
     return ds
 
 
+def check_cases(root, cases, labels=False):
+    """Before the first step, every case the run reads: images/<case>.npy (and
+    labels/<case>.npy) has a readable header, a file size that matches it (a file cut
+    short by a kill or a full disk does not) and label and image grids that agree,
+    as nnU-Net's --verify_dataset_integrity. Reads headers only. ValueError naming the
+    first bad file (the scripts make it one line, exit 2; rerunning preprocess.py redoes that case)."""
+    root = Path(root)
+    for case in cases:
+        shape = None
+        for sub in ("images", "labels") if labels else ("images",):
+            f = root / sub / f"{case}.npy"
+            try:
+                with open(f, "rb") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shp, _, dtype = read(fh)
+                    need = fh.tell() + int(np.prod(shp)) * dtype.itemsize
+                have = f.stat().st_size
+            except FileNotFoundError:
+                raise ValueError(f"{f} is missing; rerun preprocess.py on {root}'s raw data (it redoes missing cases)") from None
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"{f} is not a readable .npy ({e}); rerun preprocess.py on {root}'s raw data "
+                                "(it redoes broken cases)") from None
+            if have < need:
+                raise ValueError(f"{f} is truncated ({have} of {need} bytes); rerun preprocess.py on {root}'s raw data "
+                                "(it redoes broken cases)")
+            if shape is not None and tuple(shp) != tuple(shape[1:]):
+                raise ValueError(f"{f} has shape {tuple(shp)}, its image {tuple(shape)}; rerun preprocess.py on {root}'s raw data")
+            shape = shp
+
+
+def default_workers():
+    """DataLoader workers per process: the cores this process may use (its CPU
+    affinity, shared by the local processes), minus one for the training loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1)
+
+
 def check_finite(root, cases, share=list):
     """ValueError naming the cases whose preprocessed image holds NaN or inf: one read
     of each, before the first step, instead of steps skipped later for a non-finite

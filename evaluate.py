@@ -115,7 +115,7 @@ def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, bat
     x = F.pad(image, [v for d, b in zip(reversed(pad), reversed(before)) for v in (b, d - b)])  # (C, X', Y', Z')
     grid = [window_starts(s, p, overlap, steps) for s, p in zip(x.shape[1:], patch)]
     starts = [(i, j, k) for i in grid[0] for j in grid[1] for k in grid[2]]
-    w = gaussian_weight(patch, x.device) if blend == "gaussian" else torch.ones(patch, device=x.device)
+    w = gaussian_weight(patch, x.device) if blend == "gaussian" else None  # "sum": plain logits, no weights to keep
     flips = [d for r in range(4) for d in itertools.combinations((2, 3, 4), r)] if tta else [()]
     out = norm = None
     for b in range(0, len(starts), batch):
@@ -129,12 +129,13 @@ def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, bat
         logits = logits / len(flips)  # (n, K, *P)
         if out is None:
             out = torch.zeros((logits.shape[1], *x.shape[1:]), device=x.device)
-            norm = torch.zeros(x.shape[1:], device=x.device)
+            norm = torch.zeros(x.shape[1:], device=x.device) if w is not None else None
         for (i, j, k), y in zip(chunk, logits):
             sl = (slice(i, i + patch[0]), slice(j, j + patch[1]), slice(k, k + patch[2]))
-            out[(slice(None),) + sl] += y * w
-            norm[sl] += w
-    if blend == "gaussian":
+            out[(slice(None),) + sl] += y if w is None else y * w
+            if w is not None:
+                norm[sl] += w
+    if w is not None:
         out = out / norm
     return out[:, before[0]:before[0] + size[0], before[1]:before[1] + size[1], before[2]:before[2] + size[2]]
 

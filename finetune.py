@@ -66,7 +66,7 @@ from evaluate import sliding_window
 import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import ArgumentParser, save_json
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_cases, check_patch,
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch,
                       check_resumed_cases, check_run_flags, gather, guarded_step, load_pretrained_file, make_loader,
                       make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr,
                       setup, steps, stop_if_signalled, stopped, user_input, wrap)
@@ -268,7 +268,7 @@ def train(a):
         n_val = min(a.val_cases, len(rest))
         val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, n_val, replace=False).tolist()) if n_val else []
         check_resumed_cases(ck, a.data, chosen, val_cases)
-        check_cases(a.data, chosen + val_cases, labels=True)  # a truncated file named now, not after some steps
+        data.check_cases(a.data, chosen + val_cases, labels=True)  # a truncated file named now, not after some steps
         if not a.no_preflight:
             data.check_finite(a.data, (chosen + val_cases)[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))
         ignore = ds_json.get("ignore_label")  # e.g. WMH's "other pathology": no class, no loss

@@ -76,7 +76,7 @@ import data
 import pictures
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import ArgumentParser, write_atomic
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_cases, check_patch,
+from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch,
                       check_resumed_cases, check_run_flags, gather, load_pretrained_file, guarded_step, make_loader,
                       make_optimizer, preflight, precision, open_run, resume_or_start, restore, run_main, save_all, set_lr,
                       setup, steps, stop_if_signalled, stopped, user_input, wrap, write_file)
@@ -300,7 +300,7 @@ def train(a):
         val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
         train_cases = [c for c in cases if c not in val_cases]
         check_resumed_cases(ck, a.data, train_cases, val_cases)
-        check_cases(a.data, train_cases + val_cases)  # a truncated file named now, not after some steps
+        data.check_cases(a.data, train_cases + val_cases)  # a truncated file named now, not after some steps
         if not a.no_preflight and (ck is None or "data" in a.given):  # one read of every volume: at the start only
             data.check_finite(a.data, cases[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))  # a share each
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")

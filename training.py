@@ -5,7 +5,7 @@ Each script keeps its own loop inline; this file holds only what both loops need
 
     ctx = setup(a.device)                               # torchrun's RANK / LOCAL_RANK / WORLD_SIZE
     ck = resume_or_start(a, out, ctx)                   # the folder's lock; ckpt.pt (or ckpt_prev.pt) with --resume, else None
-    check_cases(a.data, cases)                          # every .npy's header and size, before the first step
+    data.check_cases(a.data, cases)                     # every .npy's header and size, before the first step
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     loader = make_loader(dataset, a.batch, step, total - step, ctx, a.workers)
     skipped = guarded_step(loss, opt, scaler, a.grad_clip)          # a device flag: no host sync
@@ -260,45 +260,6 @@ def gather(ctx, items):
     parts = [None] * ctx.world
     dist.all_gather_object(parts, list(items))
     return [x for part in parts for x in part]
-
-
-def check_cases(root, cases, labels=False):
-    """Before the first step, every case the run reads: images/<case>.npy (and
-    labels/<case>.npy) has a readable header, a file size that matches it (a file cut
-    short by a kill or a full disk does not) and label and image grids that agree,
-    as nnU-Net's --verify_dataset_integrity. Reads headers only. UserError naming the
-    first bad file (one line, exit 2: rerunning preprocess.py redoes that case)."""
-    import numpy as np
-    root = Path(root)
-    for case in cases:
-        shape = None
-        for sub in ("images", "labels") if labels else ("images",):
-            f = root / sub / f"{case}.npy"
-            try:
-                with open(f, "rb") as fh:
-                    version = np.lib.format.read_magic(fh)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                    shp, _, dtype = read(fh)
-                    need = fh.tell() + int(np.prod(shp)) * dtype.itemsize
-                have = f.stat().st_size
-            except FileNotFoundError:
-                raise UserError(f"{f} is missing; rerun preprocess.py on {root}'s raw data (it redoes missing cases)") from None
-            except (OSError, ValueError, EOFError) as e:
-                raise UserError(f"{f} is not a readable .npy ({e}); rerun preprocess.py on {root}'s raw data "
-                                "(it redoes broken cases)") from None
-            if have < need:
-                raise UserError(f"{f} is truncated ({have} of {need} bytes); rerun preprocess.py on {root}'s raw data "
-                                "(it redoes broken cases)")
-            if shape is not None and tuple(shp) != tuple(shape[1:]):
-                raise UserError(f"{f} has shape {tuple(shp)}, its image {tuple(shape)}; rerun preprocess.py on {root}'s raw data")
-            shape = shp
-
-
-def default_workers():
-    """DataLoader workers per process: the cores this process may use (its CPU
-    affinity, shared by the local processes), minus one for the training loop."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1)
 
 
 def process_batch(batch, scope, world):
@@ -861,7 +822,7 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
         # sample numbers (1-D integers) stay on the host: the augmentation reads them there
         try:
             got = next(batches)
-        except CaseReadError as e:  # a file that broke after check_cases; from a worker the message ends the traceback
+        except CaseReadError as e:  # a file that broke after data.check_cases; from a worker the message ends the traceback
             raise UserError(str(e).strip().splitlines()[-1].split("CaseReadError: ", 1)[-1]) from None
         batch = [t if t.dim() == 1 and not t.is_floating_point() else t.to(meter.ctx.device, non_blocking=True)
                  for t in got]

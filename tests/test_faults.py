@@ -285,7 +285,7 @@ def test_a_truncated_npy_is_named_before_the_first_step(demo, tmp_path, capsys):
     assert not (run / "log.jsonl").exists() and not (run / "ckpt.pt").exists()  # not one step
     # a file that breaks after the check (checked out of the way here) is named too, from a DataLoader worker
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(finetune, "check_cases", lambda *a, **k: None)
+        mp.setattr(finetune.data, "check_cases", lambda *a, **k: None)
         one_worker = [x if x != "0" else "1" for x in args[:-4]]  # without --steps 2 --out
         assert finetune.main(one_worker + ["--steps", "3", "--out", str(tmp_path / "ft2")]) == 2  # 6 samples: every case
     err = capsys.readouterr().err
