@@ -1049,17 +1049,7 @@ def amaes_transforms(patch, preset="all", clip=True):
 def croppad(vol, start, size, value):
     """vol[:, start:start + size] per axis, padded with `value` to `size` (Yucca's
     croppad: an axis shorter than size is taken whole, padded d // 2 before)."""
-    out = np.full((vol.shape[0], *size), value, dtype=np.float32)
-    src, dst = [slice(None)], [slice(None)]
-    for n, s, p in zip(vol.shape[1:], start, size):
-        if n < p:
-            src.append(slice(0, n))
-            dst.append(slice((p - n) // 2, (p - n) // 2 + n))
-        else:
-            src.append(slice(s, s + p))
-            dst.append(slice(0, p))
-    out[tuple(dst)] = vol[tuple(src)]
-    return out
+    return crop_box(vol, [s if n >= p else -((p - n) // 2) for n, s, p in zip(vol.shape[1:], start, size)], size, value)
 
 
 def crop_box(vol, start, size, value):
