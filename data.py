@@ -154,13 +154,6 @@ def check_cases(root, cases, labels=False):
             shape = shp
 
 
-def default_workers():
-    """DataLoader workers per process: the cores this process may use (its CPU
-    affinity, shared by the local processes), minus one for the training loop."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1)
-
-
 def check_finite(root, cases, share=list):
     """ValueError naming the cases whose preprocessed image holds NaN or inf: one read
     of each, before the first step, instead of steps skipped later for a non-finite

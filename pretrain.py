@@ -75,7 +75,7 @@ import torch.nn.functional as F
 import data
 import pictures
 from models import ARCHS, build_model, describe, patch_rule
-from preprocess import ArgumentParser, write_atomic
+from preprocess import ArgumentParser
 from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch,
                       check_resumed_cases, check_run_flags, gather, load_pretrained_file, guarded_step, make_loader,
                       make_optimizer, preflight, precision, open_run, resume_or_start, restore, run_main, save_all, set_lr,

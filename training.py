@@ -262,6 +262,13 @@ def gather(ctx, items):
     return [x for part in parts for x in part]
 
 
+def default_workers():
+    """DataLoader workers per process: the cores this process may use (its CPU
+    affinity, shared by the local processes), minus one for the training loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1)
+
+
 def process_batch(batch, scope, world):
     """Samples per process for --batch read as --batch-scope says: "process" (every process
     loads `batch`: AMAES, Tang, BrainSegFounder) or "total" (split evenly over the processes,

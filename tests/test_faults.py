@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -328,7 +327,7 @@ def test_evaluate_killed_midway_redoes_only_the_missing_cases(demo, tmp_path, ca
     assert holder.stdout.readline().strip() == "held"
     assert evaluate.main(base) == 2
     err = capsys.readouterr().err
-    assert len(lines(err)) == 1 and f"is in use by evaluation" in err and f"pid {holder.pid}" in err, err
+    assert len(lines(err)) == 1 and "is in use by evaluation" in err and f"pid {holder.pid}" in err, err
     holder.kill()
     holder.wait()
 

@@ -1,7 +1,6 @@
 """pictures.py and the pictures each stage writes, read back with SimpleITK (not our writer)."""
 import ast
 import json
-import math
 from html.parser import HTMLParser
 from pathlib import Path
 
