@@ -303,7 +303,8 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
     not fire are left out. The draws follow the authors' structure: per sample, then
     per channel (and per axis) where their transforms draw so."""
     rng = np.random.default_rng([seed, k, 1])
-    r = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, recipe) if recipe is RECIPE else recipe  # (show's forced)
+    # (show passes its forced recipes)
+    r = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, recipe) if recipe is RECIPE else recipe
     p = {"key": key_of(seed, k, 2), "clip": clip, "spatial": {}, "intensity": {}}
     if preset == "none":
         return p

@@ -536,8 +536,8 @@ def get_args(argv=None):
                    "authors' evaluator computed for Table 2 (Dice etc. per label value and 'all', the micro-average over "
                    "the foreground labels; nanmean over cases); challenge: the challenge's conventions (BraTS regions and "
                    "empty-case rules, WMH label 2 masked, ISLES lesion-wise F1, HD95)")
-    p.add_argument("--overlap", type=float, help="window overlap (default: what the run recorded, its recipe's: 0.5 for "
-                   "amaes and wald, 0.6 for bsf as BrainSegFounder's test.py; 0.5 for older runs)")
+    p.add_argument("--overlap", type=float, help="window overlap (default: what the run recorded, its recipe's: "
+                   "0.5 for amaes and wald, 0.6 for bsf as BrainSegFounder's test.py; 0.5 for older runs)")
     p.add_argument("--blend", choices=("sum", "gaussian", "mean"), help="sum logits (the paper), Gaussian-weight them "
                    "(nnU-Net) or average them (MONAI) (default: what the run recorded, its recipe's: sum for amaes, "
                    "gaussian for wald, mean for bsf; sum for older runs)")

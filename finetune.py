@@ -2,6 +2,7 @@
 Few-shot finetuning: a pretrained encoder, a new U-Net decoder, n labelled cases.
 
     torchrun --nproc_per_node=G finetune.py --arch unet_b --data OUT --pretrained RUN/encoder.pt --n-train 20 --seed 0 --out FT
+    python finetune.py --recipe bsf --data OUT --pretrained BrainSegFounder_stage2.pt --n-train 20 --out FT_bsf
     python finetune.py --arch unet_b --data OUT --pretrained none --n-train 20 --out FT_scratch   # from scratch
     python finetune.py --out FT --resume
 
@@ -38,6 +39,39 @@ Recipes (--recipe; every number is still a flag, resolved values saved in args.j
          (sigma patch/8), mirroring over all three axes, nnU-Net's window positions.
          (nnU-Net takes the batch size and batch Dice from its plan; here 2 and per
          sample.)
+  bsf    BrainSegFounder's BraTS finetuning (lab-smile/BrainSegFounder c58e9e6,
+         downstream/BraTS/finetuning/; main = main_FinetuningSwinUNETR_4Channels.py):
+         AdamW (main l.259-260) lr 1e-4 (launch.sh l.29, from scratch too) wd 1e-5
+         (main l.53 reg_weight); batch 2 PER PROCESS (launch.sh l.28; a DataLoader per
+         process over its share of the list, data_utils.py l.166-174; 2 GPUs there, l.5);
+         patch 128 (launch.sh l.35); 300 epochs (main l.48), an epoch one pass over the
+         n-train cases: ceil(n / (batch x processes)) steps (10 for 20 cases on one GPU);
+         LinearWarmupCosineAnnealingLR (main l.268-271, optimizers/lr_scheduler.py
+         l.20-100) over 50 warm-up epochs (main l.86), warmup_start_lr 0, eta_min 0,
+         stepped after each epoch (trainer.py l.225-226): epoch 0 at lr 0; fp32
+         (launch.sh l.34 --noamp, main l.108); loss MONAI DiceLoss(to_onehot_y=False,
+         sigmoid=True) alone (main l.218; --squared_dice is not given, so smooth_nr =
+         smooth_dr = 1e-5, background included, per sample and channel, no BCE) on the
+         dataset's training_regions (their 3 sigmoid outputs TC / WT / ET from
+         ConvertToMultiChannelBasedOnBratsClassesd, data_utils.py l.121); a dataset
+         without regions trains softmax classes with the same Dice alone. Crops:
+         CropForegroundd(k_divisible=128) then RandSpatialCropd (data_utils.py
+         l.122-127: --sampler bsf, no foreground forcing); augmentation --aug bsf:
+         RandFlipd p 0.5 per axis, RandScaleIntensityd(0.1, p 1), RandShiftIntensityd(0.1,
+         p 1) (l.128-133; main l.80-83's *_prob flags are never read). Stem: the patch
+         embedding is replaced by a fresh Conv3d (main l.161-177, l.189), so no tiling.
+         Predictor, recorded for evaluate.py: windows averaged (sliding_window_inference's
+         default mode "constant": --blend mean), overlap 0.6 (test.py l.31; validation
+         0.5, main l.84, = --overlap), no mirroring, sigmoid > 0.5 (test.py l.102-104).
+         Their model selection: validation Dice every 5 epochs (launch.sh l.34) on a
+         held-out fold, the best kept as model.pt (trainer.py l.172-223), which test.py
+         loads (l.29). Here --val-cases stays 0 by default, so a 20-shot run reads 20
+         labelled cases as AMAES's does and is scored on its last weights; --val-cases N
+         (--val-every 5 from the recipe) and evaluate.py --checkpoint best is their
+         selection. Not reproduced: their NormalizeIntensityd(nonzero, channel_wise) per
+         crop and per volume (the kit's [0, 1] preprocessing instead), the last partial
+         batch of a pass, and their validation Dice on unthresholded sigmoids (main
+         l.220 AsDiscrete without a threshold; the kit thresholds).
 Every recipe says whether --batch is per process or in total (--batch-scope, args.json,
 the recipe line printed at the start).
 Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
@@ -116,47 +150,49 @@ def get_args(argv=None):
     p.add_argument("--tile-stem", action=argparse.BooleanOptionalAction, help="a pretrained first convolution with fewer "
                    "input channels than the task is tiled over them, scaled by 1/C (recipe amaes: no, the stem stays freshly "
                    "initialised as the AMAES authors' transfer leaves it, so --tile-stem leaves their protocol; recipe wald: "
-                   "yes, as nnssl's PretrainedTrainer does)")
-    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s finetuning), wald "
-                   "(nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE) or bsf (BrainSegFounder's BraTS "
-                   "finetuning); any flag below overrides one number of it")
+                   "yes, as nnssl's PretrainedTrainer does; recipe bsf: no, BrainSegFounder replaces the whole patch "
+                   "embedding)")
+    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s "
+                   "finetuning), wald (nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE) or bsf "
+                   "(BrainSegFounder's BraTS finetuning); any flag below overrides one number of it")
     p.add_argument("--patch", type=int, help="cubic patch side (recipe: amaes / wald / bsf values: 128 / 160 / 128)")
     p.add_argument("--batch", type=int, help="samples per step, per process or in total as --batch-scope says "
                    "(recipe: 8 per process / 2 in total / 2 per process)")
     p.add_argument("--batch-scope", choices=("process", "total"), help="--batch is per process, or the total over all "
-                   "processes split evenly (recipe: process / total, nnU-Net's plan batch size over the GPUs / process)")
+                   "processes split evenly (recipe: process / total, nnU-Net's plan batch size over the GPUs / "
+                   "process)")
     p.add_argument("--epochs", type=int, help="epochs (recipe: 500 / 1000 / 300)")
     p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (recipe: 100 / 250 / one pass over the "
                    "n-train cases, ceil(n-train / (batch x processes)): 10 for 20 cases on one GPU)")
     p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 "
                    "(recipe: adamw / sgd / adamw)")
-    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3 with --pretrained, 1e-2 from scratch as "
-                   "nnU-Net / 1e-4)")
+    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3 with --pretrained, 1e-2 from scratch "
+                   "as nnU-Net / 1e-4)")
     p.add_argument("--wd", type=float, help="weight decay (recipe: 3e-5 / 3e-5 / 1e-5)")
     p.add_argument("--schedule", choices=("cosine", "warmup_poly", "warmup_cosine"), help="cosine annealing per epoch "
-                   "(T_max, eta_min); linear warm-up of the whole network over --warmup-epochs then poly 0.9; or linear "
-                   "warm-up from 0 over --warmup-epochs then cosine to --eta-min at the last epoch (MONAI tutorials' "
-                   "LinearWarmupCosineAnnealingLR) (recipe: cosine / warmup_poly / warmup_cosine)")
+                   "(T_max, eta_min); linear warm-up of the whole network over --warmup-epochs then poly 0.9; or "
+                   "linear warm-up from 0 over --warmup-epochs then cosine to --eta-min at the last epoch (MONAI "
+                   "tutorials' LinearWarmupCosineAnnealingLR) (recipe: cosine / warmup_poly / warmup_cosine)")
     p.add_argument("--t-max", type=float, help="cosine annealing period in epochs, schedule cosine (recipe: 575)")
     p.add_argument("--eta-min", type=float, help="cosine annealing floor (recipe: 1e-9 / unused / 0)")
     p.add_argument("--warmup-epochs", type=int, help="warm-up epochs of warmup_poly / warmup_cosine "
                    "(recipe: unused / 50 / 50)")
     p.add_argument("--fg-p", type=float, default=0.33, help="share of patches forced to hold a labelled voxel (default 0.33, "
                    "both recipes); how, --sampler says")
-    p.add_argument("--sampler", choices=("yucca", "nnunet", "bsf"), help="yucca: each patch forced with p --fg-p, its voxel "
-                   "drawn from all classes' voxels pooled, anywhere in the patch (AMAES); nnunet: the last "
-                   "round(B * (1 - fg-p)).. slots of each step's batch (all processes) forced, a class drawn among those "
-                   "present, the patch centred on one of its voxels; bsf: no foreground forcing (--fg-p unused), a patch "
-                   "uniform in the image's non-zero box grown to a multiple of the patch (MONAI CropForegroundd "
-                   "k_divisible + RandSpatialCropd) (recipe: yucca / nnunet / bsf)")
+    p.add_argument("--sampler", choices=("yucca", "nnunet", "bsf"), help="yucca: each patch forced with p --fg-p, its "
+                   "voxel drawn from all classes' voxels pooled, anywhere in the patch (AMAES); nnunet: the last "
+                   "round(B * (1 - fg-p)).. slots of each step's batch (all processes) forced, a class drawn among "
+                   "those present, the patch centred on one of its voxels; bsf: no foreground forcing (--fg-p unused), "
+                   "a patch uniform in the image's non-zero box grown to a multiple of the patch (MONAI "
+                   "CropForegroundd k_divisible + RandSpatialCropd) (recipe: yucca / nnunet / bsf)")
     p.add_argument("--centre-fg", action="store_true", help="ours, not the paper's: a forced patch is centred on its voxel")
     p.add_argument("--interp", choices=("cubic", "linear"), help="image resampling of the spatial rows: cubic B-spline "
                    "(AMAES's Yucca) or linear (batchgeneratorsv2's, nnU-Net) (recipe: cubic / linear)")
-    p.add_argument("--loss", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1, or one of them (recipe: dice_ce / "
-                   "dice_ce / dice, MONAI DiceLoss alone)")
-    p.add_argument("--dice-smooth", type=float, help="soft Dice smoothing term, numerator and denominator (recipe: 1 / 1e-5 "
-                   "/ 1e-5, MONAI DiceLoss's smooth_nr = smooth_dr)")
+    p.add_argument("--loss", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1, or one of them (recipe: "
+                   "dice_ce / dice_ce / dice, MONAI DiceLoss alone)")
+    p.add_argument("--dice-smooth", type=float, help="soft Dice smoothing term, numerator and denominator (recipe: "
+                   "1 / 1e-5 / 1e-5, MONAI DiceLoss's smooth_nr = smooth_dr)")
     p.add_argument("--dice-background", choices=("include", "exclude"), help="background class in the soft Dice (recipe: "
                    "include / exclude, nnU-Net's do_bg False / include, MONAI's include_background)")
     p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe amaes: spatial when finetuning, all from "
@@ -166,9 +202,9 @@ def get_args(argv=None):
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation (default 0.5)")
     p.add_argument("--infer-overlap", type=float, help="sliding-window overlap recorded in the run for evaluate.py "
                    "(recipe: 0.5 / 0.5 / 0.6, BrainSegFounder's test.py)")
-    p.add_argument("--blend", choices=("sum", "gaussian", "mean"), help="sliding-window blending, recorded in the run for "
-                   "evaluate.py (recipe: sum, Yucca's summed logits / gaussian, nnU-Net's importance map sigma patch/8 / "
-                   "mean, MONAI sliding_window_inference mode constant)")
+    p.add_argument("--blend", choices=("sum", "gaussian", "mean"), help="sliding-window blending, recorded in the run "
+                   "for evaluate.py (recipe: sum, Yucca's summed logits / gaussian, nnU-Net's importance map sigma "
+                   "patch/8 / mean, MONAI sliding_window_inference mode constant)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirroring at inference (the mean over the 8 flips), "
                    "recorded in the run for evaluate.py (recipe: no / yes, nnU-Net's predictor over axes 0, 1, 2 / no)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case selection, samples and initialisation (default 0)")
@@ -280,7 +316,8 @@ def train(a):
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
     out, say = Path(a.out), ctx.say
     ck = resume_or_start(a, out, ctx, script="finetune.py")  # None for a new run
-    for k, v in {"batch_scope": "process", "sampler": "yucca", "blend": "sum", "tta": False, "infer_overlap": 0.5}.items():
+    old_run = {"batch_scope": "process", "sampler": "yucca", "blend": "sum", "tta": False, "infer_overlap": 0.5}
+    for k, v in old_run.items():
         if ck is not None and k not in ck["args"]:
             setattr(a, k, v)  # a run saved before the flag existed continues as it ran
     bp = process_batch(a.batch, a.batch_scope, ctx.world)  # samples per process and step
@@ -355,7 +392,8 @@ def train(a):
              "pretrained_file": a.pretrained if a.pretrained in (None, "none") else str(Path(a.pretrained).resolve()),
              "transpose": ds_json.get("transpose"),  # the axis order of the data: evaluate.py --images applies it
              # the recipe's predictor (window positions, blending, mirroring): evaluate.py applies it
-             # (MONAI's window positions at any overlap are Yucca's: multiples of int(patch (1 - overlap)), the last flush)
+             # (MONAI's window positions at any overlap are Yucca's: multiples of int(patch (1 - overlap)),
+             # the last flush with the end)
              "inference": {"blend": a.blend, "tta": a.tta, "steps": "nnunet" if a.recipe == "wald" else "yucca",
                            "overlap": a.infer_overlap}}
     log = open_run(out, a, ck, step, ctx)

@@ -19,14 +19,15 @@ monai = pytest.importorskip("monai")
 def test_bsf_recipe_is_the_reference_numbers():
     a = finetune.get_args(["--recipe", "bsf", "--pretrained", "none"])
     assert a.patch == 128  # launch.sh --roi_x/y/z=128
-    assert (a.batch, a.batch_scope) == (2, "process")  # launch.sh batch_size=2; data_utils.py l.167-174, a DataLoader per process
+    assert (a.batch, a.batch_scope) == (2, "process")  # launch.sh l.28; data_utils.py l.166-174: per process
     assert a.epochs == 300  # main_FinetuningSwinUNETR_4Channels.py l.48 (launch.sh leaves --max_epochs out)
     assert a.steps_per_epoch is None  # one pass over the training list: derived in train() from n-train
-    assert (a.optimizer, a.lr, a.wd) == ("adamw", 1e-4, 1e-5)  # main l.259-260 AdamW, launch.sh optim_lr=1e-4, main l.53
+    assert (a.optimizer, a.lr, a.wd) == ("adamw", 1e-4, 1e-5)  # main l.259-260, launch.sh l.29, main l.53
     assert (a.schedule, a.warmup_epochs, a.eta_min) == ("warmup_cosine", 50, 0.0)  # main l.85-86, l.268-271
     assert a.dtype == "fp32"  # launch.sh --noamp, main l.108
     assert (a.loss, a.dice_smooth, a.dice_background) == ("dice", 1e-5, "include")  # main l.218 DiceLoss defaults
-    assert (a.aug, a.sampler, a.grad_clip, a.tile_stem) == ("bsf", "bsf", 0.0, False)  # data_utils l.122-133; main l.161-190
+    # data_utils.py l.122-133; main l.161-177 and l.189 (a fresh patch embedding, nothing tiled)
+    assert (a.aug, a.sampler, a.grad_clip, a.tile_stem) == ("bsf", "bsf", 0.0, False)
     assert (a.val_every, a.val_cases, a.overlap) == (5, 0, 0.5)  # launch.sh --val_every=5, main l.84 (validation)
     assert (a.blend, a.tta, a.infer_overlap) == ("mean", False, 0.6)  # test.py l.31, l.87-93 (mode "constant")
     assert finetune.get_args(["--recipe", "bsf", "--pretrained", "none", "--dtype", "bf16"]).dtype == "bf16"
@@ -38,7 +39,8 @@ class _RefScheduler(torch.optim.lr_scheduler.LRScheduler):
     chainable form their scheduler.step() runs, written out."""
 
     def __init__(self, optimizer, warmup_epochs, max_epochs, warmup_start_lr=0.0, eta_min=0.0):
-        self.warmup_epochs, self.max_epochs, self.warmup_start_lr, self.eta_min = warmup_epochs, max_epochs, warmup_start_lr, eta_min
+        self.warmup_epochs, self.max_epochs = warmup_epochs, max_epochs
+        self.warmup_start_lr, self.eta_min = warmup_start_lr, eta_min
         super().__init__(optimizer, -1)
 
     def get_lr(self):
@@ -46,7 +48,8 @@ class _RefScheduler(torch.optim.lr_scheduler.LRScheduler):
         if e == 0:
             return [self.warmup_start_lr] * len(self.base_lrs)
         if e < w:
-            return [g["lr"] + (b - self.warmup_start_lr) / (w - 1) for b, g in zip(self.base_lrs, self.optimizer.param_groups)]
+            return [g["lr"] + (b - self.warmup_start_lr) / (w - 1)
+                    for b, g in zip(self.base_lrs, self.optimizer.param_groups)]
         if e == w:
             return self.base_lrs
         if (e - 1 - m) % (2 * (m - w)) == 0:
@@ -93,7 +96,8 @@ def test_bsf_rows_fire_as_their_transforms():
     assert all(set(d["spatial"]) == {"_crop", "mirror"} for d in draws)  # no rotation, no scaling
     f = np.array([d["intensity"]["bsf_scale"] for d in draws])  # prob=1.0: every sample, one number for all channels
     o = np.array([d["intensity"]["bsf_shift"] for d in draws])
-    assert f.min() >= -0.1 and f.max() <= 0.1 and abs(f.mean()) < 0.005 and np.std(f) == pytest.approx(0.2 / 12 ** 0.5, rel=0.05)
+    assert f.min() >= -0.1 and f.max() <= 0.1 and abs(f.mean()) < 0.005
+    assert np.std(f) == pytest.approx(0.2 / 12 ** 0.5, rel=0.05)  # uniform, not a few values
     assert o.min() >= -0.1 and o.max() <= 0.1 and abs(o.mean()) < 0.005
     # each against MONAI's transform on its own draw
     x = torch.rand(4, 6, 7, 8)
@@ -124,7 +128,8 @@ def test_bsf_sampler_is_cropforeground_then_randspatialcrop(demo):
         box = np.asarray(crop(torch.from_numpy(vol)))  # (C, N0, N1, N2), each N a multiple of 32
         lo = np.argwhere(np.any(vol > 0, 0)).min(0)
         n = np.argwhere(np.any(vol > 0, 0)).max(0) + 1 - lo
-        off = [s - (int(a) - (-(-int(m) // 32) * 32 - int(m)) // 2) for s, a, m in zip(start, lo, n)]  # start in the box
+        # the start inside the box: the box begins floor((N - n) / 2) before the non-zero voxels
+        off = [s - (int(a) - (-(-int(m) // 32) * 32 - int(m)) // 2) for s, a, m in zip(start, lo, n)]
         assert all(0 <= u <= b - 32 for u, b in zip(off, box.shape[1:])) and fg is None  # no foreground forcing
         assert np.array_equal(img, box[:, off[0]:off[0] + 32, off[1]:off[1] + 32, off[2]:off[2] + 32]), k
 
@@ -159,8 +164,9 @@ def test_bsf_end_to_end_and_evaluate_reads_it(demo, tmp_path):
     ds["regions_class_order"] = [fg[-1], fg[0]]
     (data_dir / "dataset.json").write_text(json.dumps(ds))
     out = tmp_path / "ft"
-    assert finetune.main(["--recipe", "bsf", "--arch", "unet_b", "--pretrained", "none", "--patch", "32", "--steps", "2",
-                          "--n-train", "2", "--workers", "0", "--quiet", "--data", str(data_dir), "--out", str(out)]) == 0
+    assert finetune.main(["--recipe", "bsf", "--arch", "unet_b", "--pretrained", "none", "--patch", "32", "--steps",
+                          "2", "--n-train", "2", "--workers", "0", "--quiet", "--data", str(data_dir),
+                          "--out", str(out)]) == 0
     args = json.loads((out / "args.json").read_text())
     assert (args["steps_per_epoch"], args["batch"], args["dtype"], args["loss"], args["aug"], args["schedule"]) == \
         (1, 2, "fp32", "dice", "bsf", "warmup_cosine")  # 2 cases / batch 2 = one step per epoch
