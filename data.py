@@ -1460,7 +1460,8 @@ def main(argv=None):
     p.add_argument("--show", required=True, metavar="DATA", help="preprocessed dataset (preprocess.py output)")
     p.add_argument("--out", default="recipe.png", help="PNG to write (default recipe.png)")
     p.add_argument("--preset", default="all", choices=PRESETS, help="all (pretraining, default), spatial (finetuning), "
-                   "wald (Wald et al.'s MAE), nnunet (nnU-Net's, finetune --recipe wald) or none")
+                   "wald (Wald et al.'s MAE), nnunet (nnU-Net's, finetune --recipe wald), bsf (BrainSegFounder's, "
+                   "finetune --recipe bsf) or none")
     p.add_argument("--case", help="which case (default: the first train case)")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
