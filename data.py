@@ -49,6 +49,9 @@ Presets (probabilities per sample, the authors' values in RECIPE):
            rotation and scaling as wald but scales U(0.7, 1.4), then Gaussian noise, blur,
            brightness, contrast, low resolution, inverted gamma, gamma, mirroring; from
            the same pre-crop; trilinear as batchgeneratorsv2 (finetune --recipe wald).
+  bsf      BrainSegFounder's BraTS finetuning (BSF; MONAI transforms): mirroring (p 0.5 per
+           axis), then x * (1 + f) and x + o, f and o ~ U(-0.1, 0.1), one each per sample
+           (p 1); no resampling, no clipping (finetune --recipe bsf, with --sampler bsf).
 """
 import functools
 import json
@@ -65,7 +68,7 @@ from torchio.transforms.augmentation import RandomTransform
 
 import pictures  # numpy and the standard library only
 
-PRESETS = ("none", "spatial", "all", "wald", "nnunet")
+PRESETS = ("none", "spatial", "all", "wald", "nnunet", "bsf")
 
 # The authors' recipe (amaes src/augmentations/augmentation_composer.py, Yucca 1.1.7
 # defaults): probabilities and ranges, one plain dict.
@@ -93,6 +96,15 @@ NNUNET = dict(RECIPE, elastic=0.0, rotation_axis=1.0, scale_range=(0.7, 1.4), sc
               nn_brightness=0.15, nn_brightness_range=(0.75, 1.25), nn_contrast=0.15, nn_contrast_range=(0.75, 1.25),
               nn_lowres=0.25, nn_lowres_channel=0.5, nn_lowres_scale=(0.5, 1.0), nn_gamma_invert=0.1, nn_gamma=0.3,
               nn_gamma_range=(0.7, 1.5))
+# BrainSegFounder's BraTS finetuning (lab-smile/BrainSegFounder downstream/BraTS/finetuning/utils/data_utils.py
+# l.128-133, MONAI transforms): RandFlipd p 0.5 on each axis alone (l.128-130); RandScaleIntensityd(factors=0.1,
+# prob=1.0): x * (1 + f), one f ~ U(-0.1, 0.1) for all channels (l.132); RandShiftIntensityd(offsets=0.1,
+# prob=1.0): x + o, one o ~ U(-0.1, 0.1) for all channels (l.133). No rotation, scaling or clipping. (Their
+# argparse's RandFlipd_prob 0.2 / RandScaleIntensityd_prob 0.1 / ... main_FinetuningSwinUNETR_4Channels.py
+# l.80-83 are never read: the loader hard-codes the numbers above.)
+BSF = dict(RECIPE, elastic=0.0, rotation=0.0, scale=0.0, mirror=1.0, bsf_scale=1.0, bsf_scale_range=(-0.1, 0.1),
+           bsf_shift=1.0, bsf_shift_range=(-0.1, 0.1))
+BSF_ROWS = ("bsf_scale", "bsf_shift")
 NNUNET_ROWS = ("nn_noise", "nn_blur", "nn_brightness", "nn_contrast", "nn_lowres", "nn_gamma_invert", "nn_gamma")
 SPATIAL_ROWS = ("elastic", "rotation", "scale", "mirror")
 INTENSITY_ROWS = ("additive_noise", "blur", "multiplicative_noise", "ghosting", "gibbs", "low_resolution", "bias_field", "gamma")
@@ -291,12 +303,13 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
     not fire are left out. The draws follow the authors' structure: per sample, then
     per channel (and per axis) where their transforms draw so."""
     rng = np.random.default_rng([seed, k, 1])
-    r = {"wald": WALD, "nnunet": NNUNET}.get(preset, recipe) if recipe is RECIPE else recipe  # (show's forced recipes)
+    # (show passes its forced recipes)
+    r = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, recipe) if recipe is RECIPE else recipe
     p = {"key": key_of(seed, k, 2), "clip": clip, "spatial": {}, "intensity": {}}
     if preset == "none":
         return p
     sp = p["spatial"]
-    if preset in ("wald", "nnunet"):
+    if preset in ("wald", "nnunet", "bsf"):
         sp["_crop"] = True  # nothing fired: a whole-voxel centre crop of the pre-crop, no resampling
     if preset == "all" and rng.random() < r["elastic"]:
         sp["elastic"] = [rng.uniform(*r["elastic_alpha"]), rng.uniform(*r["elastic_sigma"])]
@@ -314,6 +327,10 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
         draw_nnunet_rows(rng, r, channels, p["intensity"])
     if r["mirror"] and rng.random() < r["mirror"]:
         sp["mirror"] = [bool(rng.random() < 0.5) for _ in range(3)]
+    if preset == "bsf":  # MONAI's order: flips, then scale, then shift; one number per sample
+        for row in BSF_ROWS:
+            if rng.random() < r[row]:
+                p["intensity"][row] = float(rng.uniform(*r[row + "_range"]))
     if preset != "all":
         return p
     it = p["intensity"]
@@ -899,17 +916,28 @@ def nn_gamma(x, gammas, key=None):
     return x
 
 
+def bsf_scale(x, f, key=None):
+    """MONAI ScaleIntensity(factor=f): x * (1 + f)."""
+    return x * (1 + f)
+
+
+def bsf_shift(x, o, key=None):
+    """MONAI ShiftIntensity(offset=o): x + o, background included."""
+    return x + o
+
+
 INTENSITY = {"additive_noise": additive_noise, "blur": blur, "multiplicative_noise": multiplicative_noise,
              "ghosting": ghosting, "gibbs": gibbs, "low_resolution": low_resolution, "bias_field": bias_field, "gamma": gamma,
              "nn_noise": nn_noise, "nn_blur": nn_blur, "nn_brightness": nn_brightness, "nn_contrast": nn_contrast,
-             "nn_lowres": nn_lowres, "nn_gamma_invert": nn_gamma_invert, "nn_gamma": nn_gamma}
+             "nn_lowres": nn_lowres, "nn_gamma_invert": nn_gamma_invert, "nn_gamma": nn_gamma,
+             "bsf_scale": bsf_scale, "bsf_shift": bsf_shift}
 
 
 def intensity(x, params, key, clip=True):
     """The intensity rows that fired (params: row -> parameters), in the recipe's
     order; with clip each result is clipped to its input's range (per channel, as
     Yucca's transforms do; gamma: the sample's range)."""
-    for row in INTENSITY_ROWS + NNUNET_ROWS:
+    for row in INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS:
         if row in params:
             lo = x.amin(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.min()
             hi = x.amax(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.max()
@@ -967,7 +995,7 @@ class AmaesRow(IntensityTransform):
     def __init__(self, row, params, key, clip=True, **kwargs):
         super().__init__(**kwargs)
         if row not in INTENSITY:
-            raise ValueError(f"unknown row {row!r}; choose from {', '.join(INTENSITY_ROWS + NNUNET_ROWS)}")
+            raise ValueError(f"unknown row {row!r}; choose from {', '.join(INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS)}")
         self.row, self.params, self.key, self.clip = row, params, key, clip
         self.args_names = ["row", "params", "key", "clip"]
 
@@ -1122,7 +1150,8 @@ class _Base(torch.utils.data.Dataset):
         if tuple(region.shape[1:]) != tuple(self.patch) or params["spatial"]:  # as augment_sample decides
             subject = AmaesSpatial(self.patch, params["spatial"], params["key"], self.order, params["clip"])(subject)
         target = subject["image"].data.clone()
-        rows = [AmaesRow(r, params["intensity"][r], params["key"], params["clip"]) for r in INTENSITY_ROWS + NNUNET_ROWS if r in params["intensity"]]
+        rows = [AmaesRow(r, params["intensity"][r], params["key"], params["clip"])
+                for r in INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS if r in params["intensity"]]
         if rows:
             subject = tio.Compose(rows)(subject)
         self.last_history = subject.history
@@ -1175,11 +1204,12 @@ class SegDataset(_Base):
     def __init__(self, root, cases=None, patch=128, preset="spatial", seed=0, fg_p=0.33, split="train", aug_on="device",
                  order=3, centre_fg=False, clip=False, sampler="yucca", batch=1):
         super().__init__(root, cases, patch, preset, seed, split, aug_on, order, clip=clip)
-        if sampler not in ("yucca", "nnunet"):
-            raise ValueError(f"sampler {sampler!r}: yucca or nnunet")
+        if sampler not in ("yucca", "nnunet", "bsf"):
+            raise ValueError(f"sampler {sampler!r}: yucca, nnunet or bsf")
         self.fg_p, self.centre_fg, self.sampler, self.batch = fg_p, centre_fg, sampler, batch
         self._fg = {}  # case -> (N, 3) foreground locations, per worker
         self._cls = {}  # case -> {label value: (N, 3) voxels}, nnU-Net's class_locations, per worker
+        self._box = {}  # case -> (lo, hi) of the voxels > 0 in any channel, MONAI's CropForeground box, per worker
 
     def label(self, case):
         return load_case(self.root / "labels" / f"{case}.npy")
@@ -1232,9 +1262,31 @@ class SegDataset(_Base):
         seg = crop_box(lab[None], start, r, 0)[0].astype(np.uint8)
         return case, img, seg, ([int(v) for v in loc] if loc is not None else None), start
 
+    def crop_bsf(self, k):
+        """BrainSegFounder's (data_utils.py l.122-127): MONAI CropForegroundd(source_key="image",
+        k_divisible=roi) -- the box of the voxels > 0 in any channel, grown to the next multiple of the
+        patch around its centre (floor((N - n) / 2) before), outside the volume 0 -- then
+        RandSpatialCropd(roi, random_size=False): a start uniform in [0, N - patch] of that box."""
+        case, rng = self.pick(k)
+        vol, lab = self.image(case), self.label(case)
+        if case not in self._box:
+            nz = np.argwhere(np.any(np.asarray(vol) > 0, axis=0))  # (N, 3)
+            self._box[case] = (nz.min(0), nz.max(0) + 1) if len(nz) else (np.zeros(3, int), np.array(vol.shape[1:]))
+        lo, hi = self._box[case]
+        start = []
+        for a, b, s in zip(lo, hi, self.patch):
+            n = int(b - a)
+            big = -(-n // s) * s  # compute_divisible_spatial_size
+            start.append(int(a) - (big - n) // 2 + int(rng.integers(big - s + 1)))
+        img = crop_box(vol, start, self.patch, 0.0)
+        seg = crop_box(lab[None], start, self.patch, 0)[0].astype(np.uint8)
+        return case, img, seg, None, start
+
     def crop(self, k):
         if self.sampler == "nnunet":
             return self.crop_nnunet(k)
+        if self.sampler == "bsf":
+            return self.crop_bsf(k)
         case, rng = self.pick(k)
         vol, lab = self.image(case), self.label(case)
         shape, p = vol.shape[1:], self.patch
@@ -1348,19 +1400,19 @@ def swin_ssl_views(x, generator=None):
 
 def preset_rows(preset):
     """The rows a preset can fire, in the recipe's order."""
-    base = {"wald": WALD, "nnunet": NNUNET}.get(preset, RECIPE)
+    base = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, RECIPE)
     if preset == "none":
         return []
     spatial = [r for r in SPATIAL_ROWS if base[r] > 0 and (r != "elastic" or preset == "all")]
-    return spatial + {"all": list(INTENSITY_ROWS), "nnunet": list(NNUNET_ROWS)}.get(preset, [])
+    return spatial + {"all": list(INTENSITY_ROWS), "nnunet": list(NNUNET_ROWS), "bsf": list(BSF_ROWS)}.get(preset, [])
 
 
 def forced(preset, row, patch):
     """The preset's recipe with `row` firing for sure and every other row off (every
     axis and channel a row may skip taken too; Gibbs keeps 3/4 of the frequencies, the
     96 of 128 at the recipe's end, so that it shows on any patch)."""
-    base = {"wald": WALD, "nnunet": NNUNET}.get(preset, RECIPE)
-    r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ROWS + NNUNET_ROWS})
+    base = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, RECIPE)
+    r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS})
     r.update({row: 1.0, "rotation_axis": 1.0, "blur_channel": 1.0, "lowres_channel": 1.0, "lowres_axis": 1.0,
               "gibbs_keep": (round(0.75 * min(patch)),) * 2, "nn_blur_channel": 1.0, "nn_lowres_channel": 1.0})
     return r
@@ -1408,7 +1460,8 @@ def main(argv=None):
     p.add_argument("--show", required=True, metavar="DATA", help="preprocessed dataset (preprocess.py output)")
     p.add_argument("--out", default="recipe.png", help="PNG to write (default recipe.png)")
     p.add_argument("--preset", default="all", choices=PRESETS, help="all (pretraining, default), spatial (finetuning), "
-                   "wald (Wald et al.'s MAE), nnunet (nnU-Net's, finetune --recipe wald) or none")
+                   "wald (Wald et al.'s MAE), nnunet (nnU-Net's, finetune --recipe wald), bsf (BrainSegFounder's, "
+                   "finetune --recipe bsf) or none")
     p.add_argument("--case", help="which case (default: the first train case)")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")

@@ -103,7 +103,8 @@ def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, bat
     """Logits (K, X, Y, Z) for a whole volume image (C, X, Y, Z) (a tensor on the
     model's device), as the authors' Yucca predict: window logits SUMMED ("sum": no
     division, so a voxel seen by 8 windows has 8 windows' logits) or, with "gaussian",
-    Gaussian-weighted and divided by the summed weights (nnU-Net); a volume smaller than
+    Gaussian-weighted and divided by the summed weights (nnU-Net), or with "mean" divided
+    by the number of windows (MONAI sliding_window_inference mode "constant"); a volume smaller than
     the patch is padded with 0 (background), centred as Yucca's pad_to_size (d // 2
     before, the rest after), and cropped back. tta: the mean over the 8 mirror images
     (nnU-Net's mirroring over axes 0, 1, 2). steps: window positions, "yucca" or "nnunet"."""
@@ -115,7 +116,9 @@ def sliding_window(model, image, patch, overlap=0.5, blend="sum", tta=False, bat
     x = F.pad(image, [v for d, b in zip(reversed(pad), reversed(before)) for v in (b, d - b)])  # (C, X', Y', Z')
     grid = [window_starts(s, p, overlap, steps) for s, p in zip(x.shape[1:], patch)]
     starts = [(i, j, k) for i in grid[0] for j in grid[1] for k in grid[2]]
-    w = gaussian_weight(patch, x.device) if blend == "gaussian" else None  # "sum": plain logits, no weights to keep
+    # "sum": plain logits, no weights to keep; "mean": unit weights
+    w = (gaussian_weight(patch, x.device) if blend == "gaussian"
+         else torch.ones(patch, device=x.device) if blend == "mean" else None)
     flips = [d for r in range(4) for d in itertools.combinations((2, 3, 4), r)] if tta else [()]
     out = norm = None
     for b in range(0, len(starts), batch):
@@ -533,9 +536,11 @@ def get_args(argv=None):
                    "authors' evaluator computed for Table 2 (Dice etc. per label value and 'all', the micro-average over "
                    "the foreground labels; nanmean over cases); challenge: the challenge's conventions (BraTS regions and "
                    "empty-case rules, WMH label 2 masked, ISLES lesion-wise F1, HD95)")
-    p.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
-    p.add_argument("--blend", choices=("sum", "gaussian"), help="sum logits (the paper) or Gaussian-weight them (nnU-Net) "
-                   "(default: what the run recorded, its recipe's: sum for amaes, gaussian for wald; sum for older runs)")
+    p.add_argument("--overlap", type=float, help="window overlap (default: what the run recorded, its recipe's: "
+                   "0.5 for amaes and wald, 0.6 for bsf as BrainSegFounder's test.py; 0.5 for older runs)")
+    p.add_argument("--blend", choices=("sum", "gaussian", "mean"), help="sum logits (the paper), Gaussian-weight them "
+                   "(nnU-Net) or average them (MONAI) (default: what the run recorded, its recipe's: sum for amaes, "
+                   "gaussian for wald, mean for bsf; sum for older runs)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation: average the 8 mirror images "
                    "(default: what the run recorded: no for amaes, yes for wald, nnU-Net's mirroring)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
@@ -550,7 +555,7 @@ def get_args(argv=None):
         return a
     if not a.run:
         p.error("give --run FT (a finetune.py run to evaluate) or --report EVAL ...")
-    if not 0 <= a.overlap < 1:
+    if a.overlap is not None and not 0 <= a.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if a.batch < 1:
         p.error("--batch must be >= 1")
@@ -726,10 +731,11 @@ def main(argv=None):
         path = run / ("best.pt" if a.checkpoint == "best" else "ckpt.pt")
         model, info = load_model(path, device)
         rec = info.get("inference") or {}  # the run's predictor (finetune.py --recipe); a flag given here wins
-        said = [f"--{k} {getattr(a, k)} given (the run recorded {rec[k]})" for k in ("blend", "tta")
+        said = [f"--{k} {getattr(a, k)} given (the run recorded {rec[k]})" for k in ("blend", "tta", "overlap")
                 if getattr(a, k) is not None and k in rec and getattr(a, k) != rec[k]]
         a.blend = a.blend if a.blend is not None else rec.get("blend", "sum")
         a.tta = a.tta if a.tta is not None else bool(rec.get("tta", False))
+        a.overlap = a.overlap if a.overlap is not None else float(rec.get("overlap", 0.5))
         if said:
             print("evaluate.py: " + "; ".join(said))
         _, autocast = autocast_for(device, a.dtype)

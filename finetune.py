@@ -2,6 +2,7 @@
 Few-shot finetuning: a pretrained encoder, a new U-Net decoder, n labelled cases.
 
     torchrun --nproc_per_node=G finetune.py --arch unet_b --data OUT --pretrained RUN/encoder.pt --n-train 20 --seed 0 --out FT
+    python finetune.py --recipe bsf --data OUT --pretrained BrainSegFounder_stage2.pt --n-train 20 --out FT_bsf
     python finetune.py --arch unet_b --data OUT --pretrained none --n-train 20 --out FT_scratch   # from scratch
     python finetune.py --out FT --resume
 
@@ -38,6 +39,39 @@ Recipes (--recipe; every number is still a flag, resolved values saved in args.j
          (sigma patch/8), mirroring over all three axes, nnU-Net's window positions.
          (nnU-Net takes the batch size and batch Dice from its plan; here 2 and per
          sample.)
+  bsf    BrainSegFounder's BraTS finetuning (lab-smile/BrainSegFounder c58e9e6,
+         downstream/BraTS/finetuning/; main = main_FinetuningSwinUNETR_4Channels.py):
+         AdamW (main l.259-260) lr 1e-4 (launch.sh l.29, from scratch too) wd 1e-5
+         (main l.53 reg_weight); batch 2 PER PROCESS (launch.sh l.28; a DataLoader per
+         process over its share of the list, data_utils.py l.166-174; 2 GPUs there, l.5);
+         patch 128 (launch.sh l.35); 300 epochs (main l.48), an epoch one pass over the
+         n-train cases: ceil(n / (batch x processes)) steps (10 for 20 cases on one GPU);
+         LinearWarmupCosineAnnealingLR (main l.268-271, optimizers/lr_scheduler.py
+         l.20-100) over 50 warm-up epochs (main l.86), warmup_start_lr 0, eta_min 0,
+         stepped after each epoch (trainer.py l.225-226): epoch 0 at lr 0; fp32
+         (launch.sh l.34 --noamp, main l.108); loss MONAI DiceLoss(to_onehot_y=False,
+         sigmoid=True) alone (main l.218; --squared_dice is not given, so smooth_nr =
+         smooth_dr = 1e-5, background included, per sample and channel, no BCE) on the
+         dataset's training_regions (their 3 sigmoid outputs TC / WT / ET from
+         ConvertToMultiChannelBasedOnBratsClassesd, data_utils.py l.121); a dataset
+         without regions trains softmax classes with the same Dice alone. Crops:
+         CropForegroundd(k_divisible=128) then RandSpatialCropd (data_utils.py
+         l.122-127: --sampler bsf, no foreground forcing); augmentation --aug bsf:
+         RandFlipd p 0.5 per axis, RandScaleIntensityd(0.1, p 1), RandShiftIntensityd(0.1,
+         p 1) (l.128-133; main l.80-83's *_prob flags are never read). Stem: the patch
+         embedding is replaced by a fresh Conv3d (main l.161-177, l.189), so no tiling.
+         Predictor, recorded for evaluate.py: windows averaged (sliding_window_inference's
+         default mode "constant": --blend mean), overlap 0.6 (test.py l.31; validation
+         0.5, main l.84, = --overlap), no mirroring, sigmoid > 0.5 (test.py l.102-104).
+         Their model selection: validation Dice every 5 epochs (launch.sh l.34) on a
+         held-out fold, the best kept as model.pt (trainer.py l.172-223), which test.py
+         loads (l.29). Here --val-cases stays 0 by default, so a 20-shot run reads 20
+         labelled cases as AMAES's does and is scored on its last weights; --val-cases N
+         (--val-every 5 from the recipe) and evaluate.py --checkpoint best is their
+         selection. Not reproduced: their NormalizeIntensityd(nonzero, channel_wise) per
+         crop and per volume (the kit's [0, 1] preprocessing instead), the last partial
+         batch of a pass, and their validation Dice on unthresholded sigmoids (main
+         l.220 AsDiscrete without a threshold; the kit thresholds).
 Every recipe says whether --batch is per process or in total (--batch-scope, args.json,
 the recipe line printed at the start).
 Same DDP, AMP, checkpoint, resume and non-finite-loss rules as pretrain.py.
@@ -80,7 +114,7 @@ RECIPES = {
     "amaes": dict(patch=128, batch=8, batch_scope="process", epochs=500, steps_per_epoch=100, optimizer="adamw", lr=1e-4,
                   lr_scratch=1e-4, wd=3e-5, schedule="cosine", t_max=575.0, eta_min=1e-9, warmup_epochs=0, dice_smooth=1.0,
                   dice_background="include", grad_clip=0.0, tile_stem=False, sampler="yucca", interp="cubic", blend="sum",
-                  tta=False),
+                  tta=False, loss="dice_ce", val_every=50, infer_overlap=0.5, dtype="auto"),
     # nnssl's PretrainedTrainer (TaWald/nnUNet branch nnssl_finetuning_inclusion,
     # nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py l.36-41: lr 1e-3, 1e-2 from scratch;
     # warm-up 50 epochs l.38) on nnU-Net's trainer: its augmentation (aug nnunet), sampler, trilinear
@@ -89,7 +123,14 @@ RECIPES = {
     "wald": dict(patch=160, batch=2, batch_scope="total", epochs=1000, steps_per_epoch=250, optimizer="sgd", lr=1e-3,
                  lr_scratch=1e-2, wd=3e-5, schedule="warmup_poly", t_max=575.0, eta_min=0.0, warmup_epochs=50, dice_smooth=1e-5,
                  dice_background="exclude", grad_clip=12.0, tile_stem=True, sampler="nnunet", interp="linear", blend="gaussian",
-                 tta=True),
+                 tta=True, loss="dice_ce", val_every=50, infer_overlap=0.5, dtype="auto"),
+    # BrainSegFounder's BraTS finetuning (lab-smile/BrainSegFounder downstream/BraTS/finetuning/, the module
+    # docstring gives each number's file and line). steps_per_epoch None: one pass over the n-train cases,
+    # ceil(n / (batch x processes)), derived in train(); t_max and interp are unused (warmup_cosine, no resampling).
+    "bsf": dict(patch=128, batch=2, batch_scope="process", epochs=300, steps_per_epoch=None, optimizer="adamw", lr=1e-4,
+                lr_scratch=1e-4, wd=1e-5, schedule="warmup_cosine", t_max=300.0, eta_min=0.0, warmup_epochs=50,
+                dice_smooth=1e-5, dice_background="include", grad_clip=0.0, tile_stem=False, sampler="bsf",
+                interp="cubic", blend="mean", tta=False, loss="dice", val_every=5, infer_overlap=0.6, dtype="fp32"),
 }
 
 
@@ -109,52 +150,69 @@ def get_args(argv=None):
     p.add_argument("--tile-stem", action=argparse.BooleanOptionalAction, help="a pretrained first convolution with fewer "
                    "input channels than the task is tiled over them, scaled by 1/C (recipe amaes: no, the stem stays freshly "
                    "initialised as the AMAES authors' transfer leaves it, so --tile-stem leaves their protocol; recipe wald: "
-                   "yes, as nnssl's PretrainedTrainer does)")
-    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s finetuning) or wald "
-                   "(nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE); any flag below overrides one number of it")
-    p.add_argument("--patch", type=int, help="cubic patch side (recipe: 128 / 160)")
+                   "yes, as nnssl's PretrainedTrainer does; recipe bsf: no, BrainSegFounder replaces the whole patch "
+                   "embedding)")
+    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s "
+                   "finetuning), wald (nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE) or bsf "
+                   "(BrainSegFounder's BraTS finetuning); any flag below overrides one number of it")
+    p.add_argument("--patch", type=int, help="cubic patch side (recipe: amaes / wald / bsf values: 128 / 160 / 128)")
     p.add_argument("--batch", type=int, help="samples per step, per process or in total as --batch-scope says "
-                   "(recipe: 8 per process / 2 in total)")
+                   "(recipe: 8 per process / 2 in total / 2 per process)")
     p.add_argument("--batch-scope", choices=("process", "total"), help="--batch is per process, or the total over all "
-                   "processes split evenly (recipe: process / total, nnU-Net's plan batch size over the GPUs)")
-    p.add_argument("--epochs", type=int, help="epochs (recipe: 500 / 1000)")
-    p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (recipe: 100 / 250)")
+                   "processes split evenly (recipe: process / total, nnU-Net's plan batch size over the GPUs / "
+                   "process)")
+    p.add_argument("--epochs", type=int, help="epochs (recipe: 500 / 1000 / 300)")
+    p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (recipe: 100 / 250 / one pass over the "
+                   "n-train cases, ceil(n-train / (batch x processes)): 10 for 20 cases on one GPU)")
     p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / sgd)")
-    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3 with --pretrained, 1e-2 from scratch as nnU-Net)")
-    p.add_argument("--wd", type=float, help="weight decay (recipe: 3e-5 / 3e-5)")
-    p.add_argument("--schedule", choices=("cosine", "warmup_poly"), help="cosine annealing per epoch (T_max, eta_min), or "
-                   "linear warm-up of the whole network over --warmup-epochs then poly 0.9 (recipe: cosine / warmup_poly)")
-    p.add_argument("--t-max", type=float, help="cosine annealing period in epochs (recipe: 575)")
-    p.add_argument("--eta-min", type=float, help="cosine annealing floor (recipe: 1e-9)")
-    p.add_argument("--warmup-epochs", type=int, help="warm-up epochs of warmup_poly (recipe: 50)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 "
+                   "(recipe: adamw / sgd / adamw)")
+    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3 with --pretrained, 1e-2 from scratch "
+                   "as nnU-Net / 1e-4)")
+    p.add_argument("--wd", type=float, help="weight decay (recipe: 3e-5 / 3e-5 / 1e-5)")
+    p.add_argument("--schedule", choices=("cosine", "warmup_poly", "warmup_cosine"), help="cosine annealing per epoch "
+                   "(T_max, eta_min); linear warm-up of the whole network over --warmup-epochs then poly 0.9; or "
+                   "linear warm-up from 0 over --warmup-epochs then cosine to --eta-min at the last epoch (MONAI "
+                   "tutorials' LinearWarmupCosineAnnealingLR) (recipe: cosine / warmup_poly / warmup_cosine)")
+    p.add_argument("--t-max", type=float, help="cosine annealing period in epochs, schedule cosine (recipe: 575)")
+    p.add_argument("--eta-min", type=float, help="cosine annealing floor (recipe: 1e-9 / unused / 0)")
+    p.add_argument("--warmup-epochs", type=int, help="warm-up epochs of warmup_poly / warmup_cosine "
+                   "(recipe: unused / 50 / 50)")
     p.add_argument("--fg-p", type=float, default=0.33, help="share of patches forced to hold a labelled voxel (default 0.33, "
                    "both recipes); how, --sampler says")
-    p.add_argument("--sampler", choices=("yucca", "nnunet"), help="yucca: each patch forced with p --fg-p, its voxel drawn "
-                   "from all classes' voxels pooled, anywhere in the patch (AMAES); nnunet: the last round(B * (1 - fg-p)).. "
-                   "slots of each step's batch (all processes) forced, a class drawn among those present, the patch centred "
-                   "on one of its voxels (recipe: yucca / nnunet)")
+    p.add_argument("--sampler", choices=("yucca", "nnunet", "bsf"), help="yucca: each patch forced with p --fg-p, its "
+                   "voxel drawn from all classes' voxels pooled, anywhere in the patch (AMAES); nnunet: the last "
+                   "round(B * (1 - fg-p)).. slots of each step's batch (all processes) forced, a class drawn among "
+                   "those present, the patch centred on one of its voxels; bsf: no foreground forcing (--fg-p unused), "
+                   "a patch uniform in the image's non-zero box grown to a multiple of the patch (MONAI "
+                   "CropForegroundd k_divisible + RandSpatialCropd) (recipe: yucca / nnunet / bsf)")
     p.add_argument("--centre-fg", action="store_true", help="ours, not the paper's: a forced patch is centred on its voxel")
     p.add_argument("--interp", choices=("cubic", "linear"), help="image resampling of the spatial rows: cubic B-spline "
                    "(AMAES's Yucca) or linear (batchgeneratorsv2's, nnU-Net) (recipe: cubic / linear)")
-    p.add_argument("--loss", default="dice_ce", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1 (default), or one of them")
-    p.add_argument("--dice-smooth", type=float, help="soft Dice smoothing term (recipe: 1 / 1e-5)")
+    p.add_argument("--loss", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1, or one of them (recipe: "
+                   "dice_ce / dice_ce / dice, MONAI DiceLoss alone)")
+    p.add_argument("--dice-smooth", type=float, help="soft Dice smoothing term, numerator and denominator (recipe: "
+                   "1 / 1e-5 / 1e-5, MONAI DiceLoss's smooth_nr = smooth_dr)")
     p.add_argument("--dice-background", choices=("include", "exclude"), help="background class in the soft Dice (recipe: "
-                   "include / exclude, nnU-Net's do_bg False)")
+                   "include / exclude, nnU-Net's do_bg False / include, MONAI's include_background)")
     p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe amaes: spatial when finetuning, all from "
-                   "scratch; recipe wald: nnunet, nnU-Net's default pipeline, either way)")
-    p.add_argument("--val-every", type=int, default=50, help="validate every N epochs, and at the end (default 50)")
+                   "scratch; recipe wald: nnunet, nnU-Net's default pipeline, either way; recipe bsf: bsf, either way)")
+    p.add_argument("--val-every", type=int, help="validate every N epochs (with --val-cases), and at the end "
+                   "(recipe: 50 / 50 / 5)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation (default 0.5)")
-    p.add_argument("--blend", choices=("sum", "gaussian"), help="sliding-window blending, recorded in the run for evaluate.py "
-                   "(recipe: sum, Yucca's summed logits / gaussian, nnU-Net's importance map sigma patch/8)")
+    p.add_argument("--infer-overlap", type=float, help="sliding-window overlap recorded in the run for evaluate.py "
+                   "(recipe: 0.5 / 0.5 / 0.6, BrainSegFounder's test.py)")
+    p.add_argument("--blend", choices=("sum", "gaussian", "mean"), help="sliding-window blending, recorded in the run "
+                   "for evaluate.py (recipe: sum, Yucca's summed logits / gaussian, nnU-Net's importance map sigma "
+                   "patch/8 / mean, MONAI sliding_window_inference mode constant)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirroring at inference (the mean over the 8 flips), "
-                   "recorded in the run for evaluate.py (recipe: no / yes, nnU-Net's predictor over axes 0, 1, 2)")
+                   "recorded in the run for evaluate.py (recipe: no / yes, nnU-Net's predictor over axes 0, 1, 2 / no)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case selection, samples and initialisation (default 0)")
     add_run_flags(p)
     a = p.parse_args(argv)
     given = {k for k, v in vars(a).items() if v is not None and v != p.get_default(k)}
     for k, v in RECIPES[a.recipe].items():  # the recipe fills every number not given
-        if k != "lr_scratch" and getattr(a, k) is None:
+        if k != "lr_scratch" and k not in given:
             setattr(a, k, RECIPES[a.recipe]["lr_scratch"] if k == "lr" and a.pretrained == "none" else v)
     check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every"))
     if not a.lr >= 0 or not a.wd >= 0:  # NaN too; 0 is allowed (a frozen run, as the tests' exact-transfer check)
@@ -175,10 +233,10 @@ def get_args(argv=None):
             p.error(f"--patch {a.patch}: {a.arch} needs a multiple of {divisor}, at least {minimum}")
     if a.n_train != "all" and not (a.n_train.isdigit() and int(a.n_train) >= 1):
         p.error(f"--n-train {a.n_train}: a positive number or 'all'")
-    if a.val_cases < 0 or not 0 <= a.fg_p <= 1 or not 0 <= a.overlap < 1:
-        p.error("--val-cases >= 0, --fg-p in [0, 1], --overlap in [0, 1)")
+    if a.val_cases < 0 or not 0 <= a.fg_p <= 1 or not 0 <= a.overlap < 1 or not 0 <= a.infer_overlap < 1:
+        p.error("--val-cases >= 0, --fg-p in [0, 1], --overlap and --infer-overlap in [0, 1)")
     if a.aug is None:
-        a.aug = "nnunet" if a.recipe == "wald" else "all" if a.pretrained == "none" else "spatial"
+        a.aug = {"wald": "nnunet", "bsf": "bsf"}.get(a.recipe, "all" if a.pretrained == "none" else "spatial")
     return a
 
 
@@ -188,12 +246,21 @@ def lr_at(step, steps_per_epoch, epochs, total, a):
     """Stepped per epoch. cosine (AMAES): annealing with T_max in epochs and an eta_min
     floor. warmup_poly (nnssl's PretrainedTrainer): lr (e + 1) / W for the first W
     epochs, then lr (1 - (e - W) / (epochs - W)) ** 0.9. With --steps the run has fewer
-    epochs and T_max / W shrink in proportion."""
+    epochs and T_max / W shrink in proportion. warmup_cosine (BrainSegFounder's
+    LinearWarmupCosineAnnealingLR, optimizers/lr_scheduler.py l.20-100, warmup_start_lr 0,
+    stepped after each epoch, trainer.py l.225-226), its closed form (l.84-100): e lr / (W - 1)
+    for e < W (epoch 0 trains at lr 0; epochs W - 1 and W both at lr), then
+    eta_min + (lr - eta_min) (1 + cos(pi (e - W) / (E - W))) / 2 for the E epochs of the run."""
     run_epochs = math.ceil(total / steps_per_epoch)
     e = step // steps_per_epoch
-    if a.schedule == "warmup_poly":
+    if a.schedule in ("warmup_poly", "warmup_cosine"):
         w = max(1, round(a.warmup_epochs * run_epochs / epochs))
+    if a.schedule == "warmup_poly":
         return a.lr * (e + 1) / w if e < w else a.lr * (1 - (e - w) / max(1, run_epochs - w)) ** 0.9
+    if a.schedule == "warmup_cosine":  # warmup_start_lr 0: the reference never passes it (main.py l.269-271)
+        if e < w:
+            return e * a.lr / max(1, w - 1)
+        return a.eta_min + (a.lr - a.eta_min) * (1 + math.cos(math.pi * (e - w) / max(1, run_epochs - w))) / 2
     t_max = a.t_max * run_epochs / epochs  # = a.t_max for the full run
     return a.eta_min + (a.lr - a.eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2
 
@@ -249,7 +316,8 @@ def train(a):
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
     out, say = Path(a.out), ctx.say
     ck = resume_or_start(a, out, ctx, script="finetune.py")  # None for a new run
-    for k, v in {"batch_scope": "process", "sampler": "yucca", "blend": "sum", "tta": False}.items():
+    old_run = {"batch_scope": "process", "sampler": "yucca", "blend": "sum", "tta": False, "infer_overlap": 0.5}
+    for k, v in old_run.items():
         if ck is not None and k not in ck["args"]:
             setattr(a, k, v)  # a run saved before the flag existed continues as it ran
     bp = process_batch(a.batch, a.batch_scope, ctx.world)  # samples per process and step
@@ -279,6 +347,8 @@ def train(a):
         train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p, aug_on=a.aug_on,
                                    order=3 if a.interp == "cubic" else 1, centre_fg=a.centre_fg, sampler=a.sampler,
                                    batch=bp * ctx.world)
+    if a.steps_per_epoch is None:  # recipe bsf: an epoch is one pass over the n-train cases (their DataLoader)
+        a.steps_per_epoch = math.ceil(len(chosen) / (bp * ctx.world))
     spe = a.steps_per_epoch
     total = a.steps or a.epochs * spe
     say(f"finetune.py: run {out} ({'resumed at step ' + str(ck['step']) if ck else 'new'}), data {a.data} "
@@ -322,7 +392,10 @@ def train(a):
              "pretrained_file": a.pretrained if a.pretrained in (None, "none") else str(Path(a.pretrained).resolve()),
              "transpose": ds_json.get("transpose"),  # the axis order of the data: evaluate.py --images applies it
              # the recipe's predictor (window positions, blending, mirroring): evaluate.py applies it
-             "inference": {"blend": a.blend, "tta": a.tta, "steps": "nnunet" if a.recipe == "wald" else "yucca"}}
+             # (MONAI's window positions at any overlap are Yucca's: multiples of int(patch (1 - overlap)),
+             # the last flush with the end)
+             "inference": {"blend": a.blend, "tta": a.tta, "steps": "nnunet" if a.recipe == "wald" else "yucca",
+                           "overlap": a.infer_overlap}}
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
         save_json(out / "cases.json", {"n_train": facts["n_train"], "seed": a.seed, "train": chosen, "val": val_cases,

@@ -331,7 +331,7 @@ def test_evaluate_applies_the_recorded_predictor(demo, tmp_path, capsys, monkeyp
                           "--n-train", "2", "--workers", "0", "--quiet", "--data", str(demo / "preprocessed"),
                           "--out", str(ft)]) == 0
     ck = torch.load(ft / "ckpt.pt", weights_only=True)
-    assert ck["inference"] == {"blend": "gaussian", "tta": True, "steps": "nnunet"}
+    assert ck["inference"] == {"blend": "gaussian", "tta": True, "steps": "nnunet", "overlap": 0.5}
     monkeypatch.setattr(evaluate, "sliding_window", recorder)
     assert evaluate.main(["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet"]) == 0
     m = json.loads((ft / "eval" / "metrics.json").read_text())
