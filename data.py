@@ -53,6 +53,7 @@ Presets (probabilities per sample, the authors' values in RECIPE):
            axis), then x * (1 + f) and x + o, f and o ~ U(-0.1, 0.1), one each per sample
            (p 1); no resampling, no clipping (finetune --recipe bsf, with --sampler bsf).
 """
+
 import functools
 import json
 import math
@@ -73,12 +74,35 @@ PRESETS = ("none", "spatial", "all", "wald", "nnunet", "bsf")
 # The authors' recipe (amaes src/augmentations/augmentation_composer.py, Yucca 1.1.7
 # defaults): probabilities and ranges, one plain dict.
 RECIPE = dict(
-    elastic=0.33, elastic_alpha=(200.0, 600.0), elastic_sigma=(20.0, 30.0),
-    rotation=0.2, rotation_axis=0.66, rotation_deg=30.0, scale=0.2, scale_range=(0.9, 1.1), mirror=0.0,
-    additive_noise=0.2, noise_sigma=(1e-4, 1e-3), blur=0.2, blur_channel=0.5, blur_sigma=(0.0, 1.0),
-    multiplicative_noise=0.2, ghosting=0.2, ghost_alpha=(0.85, 0.95), ghost_reps=(2, 10),
-    gibbs=0.2, gibbs_keep=(96, 128), low_resolution=0.2, lowres_channel=0.5, lowres_axis=0.33, lowres_zoom=(0.5, 1.0),
-    bias_field=0.33, gamma=0.2, gamma_invert=0.05, gamma_low=(0.5, 1.0), gamma_high=(1.0, 2.0),
+    elastic=0.33,
+    elastic_alpha=(200.0, 600.0),
+    elastic_sigma=(20.0, 30.0),
+    rotation=0.2,
+    rotation_axis=0.66,
+    rotation_deg=30.0,
+    scale=0.2,
+    scale_range=(0.9, 1.1),
+    mirror=0.0,
+    additive_noise=0.2,
+    noise_sigma=(1e-4, 1e-3),
+    blur=0.2,
+    blur_channel=0.5,
+    blur_sigma=(0.0, 1.0),
+    multiplicative_noise=0.2,
+    ghosting=0.2,
+    ghost_alpha=(0.85, 0.95),
+    ghost_reps=(2, 10),
+    gibbs=0.2,
+    gibbs_keep=(96, 128),
+    low_resolution=0.2,
+    lowres_channel=0.5,
+    lowres_axis=0.33,
+    lowres_zoom=(0.5, 1.0),
+    bias_field=0.33,
+    gamma=0.2,
+    gamma_invert=0.05,
+    gamma_low=(0.5, 1.0),
+    gamma_high=(1.0, 2.0),
 )
 # Wald et al.'s MAE pretraining (nnssl BaseMAETrainer): rotation +-30 on every axis with p 0.2,
 # isotropic scaling 0.7..1.4 with p 0.2, mirroring of each axis with p 0.5; no elastic, no intensity rows
@@ -91,27 +115,64 @@ WALD = dict(RECIPE, elastic=0.0, rotation_axis=1.0, scale_range=(0.7, 1.4), scal
 # rotation p 0.2 (+-30 deg on every axis, l.464), scaling p 0.2 U(0.7, 1.4) one factor for all axes,
 # no elastic; then noise, blur, brightness, contrast, low resolution, inverted gamma, gamma (rows NNUNET_ROWS,
 # their probabilities and ranges below), mirroring of each axis with p 0.5.
-NNUNET = dict(RECIPE, elastic=0.0, rotation_axis=1.0, scale_range=(0.7, 1.4), scale_draw="uniform", mirror=1.0,
-              nn_noise=0.1, nn_noise_sigma=(0.0, 0.1), nn_blur=0.2, nn_blur_channel=0.5, nn_blur_sigma=(0.5, 1.0),
-              nn_brightness=0.15, nn_brightness_range=(0.75, 1.25), nn_contrast=0.15, nn_contrast_range=(0.75, 1.25),
-              nn_lowres=0.25, nn_lowres_channel=0.5, nn_lowres_scale=(0.5, 1.0), nn_gamma_invert=0.1, nn_gamma=0.3,
-              nn_gamma_range=(0.7, 1.5))
+NNUNET = dict(
+    RECIPE,
+    elastic=0.0,
+    rotation_axis=1.0,
+    scale_range=(0.7, 1.4),
+    scale_draw="uniform",
+    mirror=1.0,
+    nn_noise=0.1,
+    nn_noise_sigma=(0.0, 0.1),
+    nn_blur=0.2,
+    nn_blur_channel=0.5,
+    nn_blur_sigma=(0.5, 1.0),
+    nn_brightness=0.15,
+    nn_brightness_range=(0.75, 1.25),
+    nn_contrast=0.15,
+    nn_contrast_range=(0.75, 1.25),
+    nn_lowres=0.25,
+    nn_lowres_channel=0.5,
+    nn_lowres_scale=(0.5, 1.0),
+    nn_gamma_invert=0.1,
+    nn_gamma=0.3,
+    nn_gamma_range=(0.7, 1.5),
+)
 # BrainSegFounder's BraTS finetuning (lab-smile/BrainSegFounder downstream/BraTS/finetuning/utils/data_utils.py
 # l.128-133, MONAI transforms): RandFlipd p 0.5 on each axis alone (l.128-130); RandScaleIntensityd(factors=0.1,
 # prob=1.0): x * (1 + f), one f ~ U(-0.1, 0.1) for all channels (l.132); RandShiftIntensityd(offsets=0.1,
 # prob=1.0): x + o, one o ~ U(-0.1, 0.1) for all channels (l.133). No rotation, scaling or clipping. (Their
 # argparse's RandFlipd_prob 0.2 / RandScaleIntensityd_prob 0.1 / ... main_FinetuningSwinUNETR_4Channels.py
 # l.80-83 are never read: the loader hard-codes the numbers above.)
-BSF = dict(RECIPE, elastic=0.0, rotation=0.0, scale=0.0, mirror=1.0, bsf_scale=1.0, bsf_scale_range=(-0.1, 0.1),
-           bsf_shift=1.0, bsf_shift_range=(-0.1, 0.1))
+BSF = dict(
+    RECIPE,
+    elastic=0.0,
+    rotation=0.0,
+    scale=0.0,
+    mirror=1.0,
+    bsf_scale=1.0,
+    bsf_scale_range=(-0.1, 0.1),
+    bsf_shift=1.0,
+    bsf_shift_range=(-0.1, 0.1),
+)
 BSF_ROWS = ("bsf_scale", "bsf_shift")
 NNUNET_ROWS = ("nn_noise", "nn_blur", "nn_brightness", "nn_contrast", "nn_lowres", "nn_gamma_invert", "nn_gamma")
 SPATIAL_ROWS = ("elastic", "rotation", "scale", "mirror")
-INTENSITY_ROWS = ("additive_noise", "blur", "multiplicative_noise", "ghosting", "gibbs", "low_resolution", "bias_field", "gamma")
+INTENSITY_ROWS = (
+    "additive_noise",
+    "blur",
+    "multiplicative_noise",
+    "ghosting",
+    "gibbs",
+    "low_resolution",
+    "bias_field",
+    "gamma",
+)
 
 
 # -----------------------------------------------------------------------------
 # The preprocessed dataset (preprocess.py's output)
+
 
 def read_dataset(root):
     """dataset.json of a preprocessed folder, with a clear error when it is not one."""
@@ -119,19 +180,27 @@ def read_dataset(root):
     f = root / "dataset.json"
     raw = (root / "imagesTr").is_dir() or any(root.glob("*.nii*"))
     if raw and not (root / "images").is_dir():  # an nnU-Net raw dataset has a dataset.json of its own
-        raise ValueError(f"{root} is raw data, not a preprocessed dataset: preprocess it first "
-                         f"(python preprocess.py --input {root} --output OUT), then give --data OUT")
+        raise ValueError(
+            f"{root} is raw data, not a preprocessed dataset: preprocess it first "
+            f"(python preprocess.py --input {root} --output OUT), then give --data OUT"
+        )
     if not f.exists():
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such folder, so no dataset.json; give the preprocessed dataset (--data OUT "
-                                    "of preprocess.py --output OUT)")
-        raise FileNotFoundError(f"{root} is not a preprocessed dataset (no dataset.json); "
-                                "run preprocess.py --input RAW --output " + str(root) + " first")
+            raise FileNotFoundError(
+                f"{root}: no such folder, so no dataset.json; give the preprocessed dataset (--data OUT "
+                "of preprocess.py --output OUT)"
+            )
+        raise FileNotFoundError(
+            f"{root} is not a preprocessed dataset (no dataset.json); "
+            "run preprocess.py --input RAW --output " + str(root) + " first"
+        )
     ds = json.loads(f.read_text())
     if "cases" not in ds:
         raise ValueError(f"{f} is not preprocess.py's dataset.json (no case list); preprocess the raw data first")
     if not ds["cases"]:
-        raise ValueError(f"{f} lists no usable cases" + (f"; see {root / 'failed.json'}" if (root / "failed.json").exists() else ""))
+        raise ValueError(
+            f"{f} lists no usable cases" + (f"; see {root / 'failed.json'}" if (root / "failed.json").exists() else "")
+        )
     return ds
 
 
@@ -149,20 +218,32 @@ def check_cases(root, cases, labels=False):
             try:
                 with open(f, "rb") as fh:
                     version = np.lib.format.read_magic(fh)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shp, _, dtype = read(fh)
                     need = fh.tell() + int(np.prod(shp)) * dtype.itemsize
                 have = f.stat().st_size
             except FileNotFoundError:
-                raise ValueError(f"{f} is missing; rerun preprocess.py on {root}'s raw data (it redoes missing cases)") from None
+                raise ValueError(
+                    f"{f} is missing; rerun preprocess.py on {root}'s raw data (it redoes missing cases)"
+                ) from None
             except (OSError, ValueError, EOFError) as e:
-                raise ValueError(f"{f} is not a readable .npy ({e}); rerun preprocess.py on {root}'s raw data "
-                                "(it redoes broken cases)") from None
+                raise ValueError(
+                    f"{f} is not a readable .npy ({e}); rerun preprocess.py on {root}'s raw data "
+                    "(it redoes broken cases)"
+                ) from None
             if have < need:
-                raise ValueError(f"{f} is truncated ({have} of {need} bytes); rerun preprocess.py on {root}'s raw data "
-                                "(it redoes broken cases)")
+                raise ValueError(
+                    f"{f} is truncated ({have} of {need} bytes); rerun preprocess.py on {root}'s raw data "
+                    "(it redoes broken cases)"
+                )
             if shape is not None and tuple(shp) != tuple(shape[1:]):
-                raise ValueError(f"{f} has shape {tuple(shp)}, its image {tuple(shape)}; rerun preprocess.py on {root}'s raw data")
+                raise ValueError(
+                    f"{f} has shape {tuple(shp)}, its image {tuple(shape)}; rerun preprocess.py on {root}'s raw data"
+                )
             shape = shp
 
 
@@ -179,9 +260,11 @@ def check_finite(root, cases, share=list):
             bad.append(case)
     bad = share(bad)
     if bad:
-        raise ValueError(f"{root}: the preprocessed image of {len(bad)} case(s) holds NaN or inf values ({', '.join(bad[:5])}"
-                         f"{' ...' if len(bad) > 5 else ''}); preprocess them again (preprocess.py --overwrite) or remove "
-                         "them from dataset.json")
+        raise ValueError(
+            f"{root}: the preprocessed image of {len(bad)} case(s) holds NaN or inf values ({', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}); preprocess them again (preprocess.py --overwrite) or remove "
+            "them from dataset.json"
+        )
 
 
 def leaked_test_files(root, test_roots):
@@ -189,6 +272,7 @@ def leaked_test_files(root, test_roots):
     cases of the labelled datasets `test_roots`, matched by the raw source files' name and
     size recorded in each case's meta (so a copy of a file is found too). BRAINS-45K
     holds BraTS21, ISLES22, WMH and MSSEG1, so pretraining on it can see their test cases."""
+
     def sources(r, split=None):
         out = {}
         for c in read_dataset(r)["cases"]:
@@ -196,6 +280,7 @@ def leaked_test_files(root, test_roots):
                 meta = json.loads((Path(r) / "meta" / f"{c['case']}.json").read_text())
                 out.update({(Path(p).name, size): c["case"] for p, size, _ in meta.get("fingerprint", [])})
         return out
+
     ours = sources(root)
     found = {}
     for t in test_roots:
@@ -284,18 +369,22 @@ def uniform(key, shape, device="cpu"):
         h, t = x[:m], tmp[:m]
         torch.arange(s, s + m, dtype=torch.int32, device=device, out=h)
         _hash32(_hash32(h.bitwise_xor_(_s32(key)), t).bitwise_xor_(_s32(key >> 32)), t)
-        out[s:s + m] = h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).add_(1).float().mul_(2.0 ** -24)
+        out[s : s + m] = h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).add_(1).float().mul_(2.0**-24)
     return out.view(shape)
 
 
 def normal(key, shape, device="cpu"):
     """N(0, 1) float32 numbers (Box-Muller on two uniform streams), the same on every device."""
-    u1, u2 = uniform(key_of(key & M32, key >> 32, 1), shape, device), uniform(key_of(key & M32, key >> 32, 2), shape, device)
+    u1, u2 = (
+        uniform(key_of(key & M32, key >> 32, 1), shape, device),
+        uniform(key_of(key & M32, key >> 32, 2), shape, device),
+    )
     return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
 
 
 # -----------------------------------------------------------------------------
 # The parameters of one sample: plain numbers, drawn from numpy's default_rng
+
 
 def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
     """Every augmentation parameter of sample k: {"key", "clip", "spatial": {...},
@@ -314,7 +403,10 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
     if preset == "all" and rng.random() < r["elastic"]:
         sp["elastic"] = [rng.uniform(*r["elastic_alpha"]), rng.uniform(*r["elastic_sigma"])]
     if rng.random() < r["rotation"]:
-        angles = [rng.uniform(-r["rotation_deg"], r["rotation_deg"]) if rng.random() < r["rotation_axis"] else 0.0 for _ in range(3)]
+        angles = [
+            rng.uniform(-r["rotation_deg"], r["rotation_deg"]) if rng.random() < r["rotation_axis"] else 0.0
+            for _ in range(3)
+        ]
         if any(angles):
             sp["rotation"] = angles
     if rng.random() < r["scale"]:
@@ -348,15 +440,29 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
         sigma = rng.uniform(*r["blur_sigma"])  # one per sample, then p 0.5 per channel
         put("blur", per_channel(r["blur_channel"], lambda: sigma))
     put("multiplicative_noise", per_channel(r["multiplicative_noise"], lambda: rng.uniform(*r["noise_sigma"])))
-    put("ghosting", per_channel(r["ghosting"], lambda: [rng.uniform(*r["ghost_alpha"]),
-                                                        int(rng.integers(r["ghost_reps"][0], r["ghost_reps"][1] + 1)),
-                                                        int(rng.integers(0, 3))]))
-    put("gibbs", per_channel(r["gibbs"], lambda: [int(rng.integers(r["gibbs_keep"][0], r["gibbs_keep"][1] + 1)),
-                                                  int(rng.integers(0, 3))]))
+    put(
+        "ghosting",
+        per_channel(
+            r["ghosting"],
+            lambda: [
+                rng.uniform(*r["ghost_alpha"]),
+                int(rng.integers(r["ghost_reps"][0], r["ghost_reps"][1] + 1)),
+                int(rng.integers(0, 3)),
+            ],
+        ),
+    )
+    put(
+        "gibbs",
+        per_channel(
+            r["gibbs"], lambda: [int(rng.integers(r["gibbs_keep"][0], r["gibbs_keep"][1] + 1)), int(rng.integers(0, 3))]
+        ),
+    )
     if rng.random() < r["low_resolution"]:
+
         def target():  # each axis zoomed with p 0.33; a channel whose axes all stay is left as it is (Yucca)
             z = rng.uniform(*r["lowres_zoom"])
             return [round(n * z) if rng.random() < r["lowres_axis"] else n for n in patch]
+
         put("low_resolution", per_channel(r["lowres_channel"], target))
     put("bias_field", per_channel(r["bias_field"], lambda: [int(rng.integers(0, n)) for n in patch]))
     if rng.random() < r["gamma"]:
@@ -377,8 +483,10 @@ def draw_nnunet_rows(rng, r, channels, it):
     if rng.random() < r["nn_noise"]:  # one sigma for all channels (synchronize_channels True)
         it["nn_noise"] = rng.uniform(*r["nn_noise_sigma"])
     if rng.random() < r["nn_blur"]:  # p 0.5 per channel, one sigma per axis
-        v = [[rng.uniform(*r["nn_blur_sigma"]) for _ in range(3)] if rng.random() < r["nn_blur_channel"] else None
-             for _ in range(channels)]
+        v = [
+            [rng.uniform(*r["nn_blur_sigma"]) for _ in range(3)] if rng.random() < r["nn_blur_channel"] else None
+            for _ in range(channels)
+        ]
         if any(x is not None for x in v):
             it["nn_blur"] = v
     if rng.random() < r["nn_brightness"]:
@@ -386,7 +494,10 @@ def draw_nnunet_rows(rng, r, channels, it):
     if rng.random() < r["nn_contrast"]:
         it["nn_contrast"] = [bg_contrast(rng, *r["nn_contrast_range"]) for _ in range(channels)]
     if rng.random() < r["nn_lowres"]:  # p 0.5 per channel, one scale for all axes
-        v = [rng.uniform(*r["nn_lowres_scale"]) if rng.random() < r["nn_lowres_channel"] else None for _ in range(channels)]
+        v = [
+            rng.uniform(*r["nn_lowres_scale"]) if rng.random() < r["nn_lowres_channel"] else None
+            for _ in range(channels)
+        ]
         if any(x is not None for x in v):
             it["nn_lowres"] = v
     for row in ("nn_gamma_invert", "nn_gamma"):
@@ -424,7 +535,7 @@ def bspline_prefilter(x, dim):
     if n == 1:
         return x.clone()
     horizon = min(n, 30)  # |z|^30 < 1e-17: the mirrored initial sum is exact in float
-    zk = torch.tensor([Z3 ** i for i in range(horizon)], dtype=y.dtype, device=y.device)
+    zk = torch.tensor([Z3**i for i in range(horizon)], dtype=y.dtype, device=y.device)
     y[0] = torch.tensordot(zk, y[:horizon], dims=1)
     for i in range(1, n):  # fused in-place steps: no temporary plane per step
         y[i].add_(y[i - 1], alpha=Z3)
@@ -518,7 +629,7 @@ def _matmul_along(x, dim, m):
         out = x.reshape(-1, shape[-1]) @ m.T
     else:
         out = torch.matmul(m, x.reshape(math.prod(shape[:dim]), shape[dim], -1))
-    return out.view(*shape[:dim], m.shape[0], *shape[dim + 1:])
+    return out.view(*shape[:dim], m.shape[0], *shape[dim + 1 :])
 
 
 def resize(x, shape, order=3, mode="mirror"):
@@ -554,11 +665,13 @@ def cubic_sample(coef, coords, cval, chunk=None):
         flat = coef[pad[0]][:, pad[1]][:, :, pad[2]].reshape(-1)
     m1, m2 = n[1] + 4, n[2] + 4
     r = torch.arange(4, device=dev)
-    offsets = ((r.view(4, 1, 1) * m1 + r.view(1, 4, 1)) * m2 + r.view(1, 1, 4)).view(64, 1) + (m1 + 1) * m2 + 1  # tap -1 of the padded array
+    offsets = (
+        ((r.view(4, 1, 1) * m1 + r.view(1, 4, 1)) * m2 + r.view(1, 1, 4)).view(64, 1) + (m1 + 1) * m2 + 1
+    )  # tap -1 of the padded array
     hi = torch.tensor(n, device=dev, dtype=coords.dtype).view(3, 1) - 1
     out = torch.empty(coords.shape[1], dtype=coef.dtype, device=dev)
     for s in range(0, coords.shape[1], chunk):
-        p = coords[:, s:s + chunk]
+        p = coords[:, s : s + chunk]
         inside = ((p >= 0) & (p <= hi)).all(0)
         p = torch.minimum(p.clamp(min=0), hi)  # outside points read anything in range, then get cval
         f = torch.floor(p)
@@ -567,12 +680,12 @@ def cubic_sample(coef, coords, cval, chunk=None):
         base = (f[0] * m1 + f[1]) * m2 + f[2]
         res = torch.empty(p.shape[1], dtype=coef.dtype, device=dev)
         for q in range(0, p.shape[1], sub):
-            v = flat.index_select(0, (base[q:q + sub] + offsets).view(-1)).view(4, 4, 4, -1)
-            wq = w[:, :, q:q + sub]
+            v = flat.index_select(0, (base[q : q + sub] + offsets).view(-1)).view(4, 4, 4, -1)
+            wq = w[:, :, q : q + sub]
             acc = (v * wq[:, 2]).sum(2)  # (4, 4, m)
             acc = (acc * wq[:, 1]).sum(1)  # (4, m)
-            res[q:q + sub] = (acc * wq[:, 0]).sum(0)
-        out[s:s + chunk] = torch.where(inside, res, cval)
+            res[q : q + sub] = (acc * wq[:, 0]).sum(0)
+        out[s : s + chunk] = torch.where(inside, res, cval)
     return out
 
 
@@ -585,14 +698,16 @@ def linear_sample(vol, coords, cval, order):
         i = [torch.floor(coords[d] + 0.5).long().clamp(0, n[d] - 1) for d in range(3)]
         val = vol[i[0], i[1], i[2]]
     else:  # grid_sample: (x, y, z) = (last, middle, first) axis, normalised to [-1, 1]
-        g = (coords / (torch.tensor(n, device=vol.device, dtype=coords.dtype).view(3, 1) - 1).clamp(min=1) * 2 - 1)
-        val = F.grid_sample(vol[None, None], g.flip(0).T.view(1, 1, 1, -1, 3).to(vol.dtype), mode="bilinear",
-                            align_corners=True).view(-1)
+        g = coords / (torch.tensor(n, device=vol.device, dtype=coords.dtype).view(3, 1) - 1).clamp(min=1) * 2 - 1
+        val = F.grid_sample(
+            vol[None, None], g.flip(0).T.view(1, 1, 1, -1, 3).to(vol.dtype), mode="bilinear", align_corners=True
+        ).view(-1)
     return torch.where(inside, val, torch.as_tensor(cval, dtype=vol.dtype, device=vol.device))
 
 
 # -----------------------------------------------------------------------------
 # The spatial rows: one coordinate grid, one resampling
+
 
 def rotation_matrix(angles_deg):
     """Yucca's rotation: I . Rx . Ry . Rz (an axis whose angle is 0 is left out)."""
@@ -630,11 +745,16 @@ def spatial_coords(params, patch, centre, key, device):
     region's centre (n / 2 - 0.5). Returns (3, *patch), or per-axis 1-D positions
     [(P0,), (P1,), (P2,)] when the transform keeps the grid axis-aligned (no elastic,
     no rotation): then the resampling factorises axis by axis."""
-    axes = [(torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2) * params.get("scale", 1.0) for p in patch]
+    axes = [
+        (torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2) * params.get("scale", 1.0) for p in patch
+    ]
     if not warps(params):
         return [a + c for a, c in zip(axes, centre)]
-    g = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2 for p in patch],
-                                   indexing="ij"))
+    g = torch.stack(
+        torch.meshgrid(
+            *[torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2 for p in patch], indexing="ij"
+        )
+    )
     if "elastic" in params:
         alpha, sigma = params["elastic"]
         noise = torch.stack([uniform(key_of(key & M32, key >> 32, 10 + d), patch, device) for d in range(3)]) * 2 - 1
@@ -642,7 +762,9 @@ def spatial_coords(params, patch, centre, key, device):
             noise = _matmul_along(noise, ax + 1, gaussian_matrix(patch[ax], sigma).to(device, torch.float32))
         g += noise * alpha
     if "rotation" in params:
-        g = torch.einsum("ij,i...->j...", torch.tensor(rotation_matrix(params["rotation"]), dtype=torch.float32, device=device), g)
+        g = torch.einsum(
+            "ij,i...->j...", torch.tensor(rotation_matrix(params["rotation"]), dtype=torch.float32, device=device), g
+        )
     g = g * params.get("scale", 1.0)
     return g + torch.tensor(centre, dtype=torch.float32, device=device).view(3, 1, 1, 1)
 
@@ -710,6 +832,7 @@ def spatial(x, params, patch, order=3, cval=None, label=None, clip=False, coef=N
 # The intensity rows (input only): one torch function each, on one sample (C, X, Y, Z)
 # with that sample's parameters, in the authors' forms (Yucca 1.1.7 transforms).
 
+
 def _pad_reflect(x, r, dim):  # scipy's 'reflect' (d c b a | a b c d | d c b a)
     n = x.shape[dim]
     left = x.narrow(dim, 0, r).flip(dim)
@@ -771,7 +894,7 @@ def ghosting(x, params, key=None):
             alpha, reps, axis = p
             n = x.shape[axis + 1]
             mask = torch.ones(n, device=x.device)
-            mask[0:n - 1:reps] = alpha
+            mask[0 : n - 1 : reps] = alpha
             x[c] = _kspace(x[c], mask, axis)
     return x
 
@@ -810,7 +933,7 @@ def bias_field(x, centres, key=None):
             for d, (n, c0) in enumerate(zip(x.shape[1:], centre)):
                 shape = [1, 1, 1]
                 shape[d] = n
-                g = g - ((torch.arange(n, dtype=x.dtype, device=x.device) - c0) ** 2 / n ** 2).view(shape)
+                g = g - ((torch.arange(n, dtype=x.dtype, device=x.device) - c0) ** 2 / n**2).view(shape)
             x[c] = x[c] * g
     return x
 
@@ -829,6 +952,7 @@ def gamma(x, params, key=None):
 
 
 # nnU-Net's intensity rows (batchgeneratorsv2 transforms, as nnUNetTrainer.get_training_transforms sets them)
+
 
 def nn_noise(x, sigma, key):
     """GaussianNoiseTransform (intensity/gaussian_noise.py): x + N(0, sigma), one sigma ~ U(0, 0.1)
@@ -854,7 +978,7 @@ def nn_blur(x, sigmas, key=None):
     for c, sig in enumerate(sigmas):
         if sig is None:
             continue
-        y = x[c:c + 1]
+        y = x[c : c + 1]
         for d, s in enumerate(sig):
             k = nn_kernel(s).to(x.device, x.dtype)
             r = len(k) // 2
@@ -926,11 +1050,25 @@ def bsf_shift(x, o, key=None):
     return x + o
 
 
-INTENSITY = {"additive_noise": additive_noise, "blur": blur, "multiplicative_noise": multiplicative_noise,
-             "ghosting": ghosting, "gibbs": gibbs, "low_resolution": low_resolution, "bias_field": bias_field, "gamma": gamma,
-             "nn_noise": nn_noise, "nn_blur": nn_blur, "nn_brightness": nn_brightness, "nn_contrast": nn_contrast,
-             "nn_lowres": nn_lowres, "nn_gamma_invert": nn_gamma_invert, "nn_gamma": nn_gamma,
-             "bsf_scale": bsf_scale, "bsf_shift": bsf_shift}
+INTENSITY = {
+    "additive_noise": additive_noise,
+    "blur": blur,
+    "multiplicative_noise": multiplicative_noise,
+    "ghosting": ghosting,
+    "gibbs": gibbs,
+    "low_resolution": low_resolution,
+    "bias_field": bias_field,
+    "gamma": gamma,
+    "nn_noise": nn_noise,
+    "nn_blur": nn_blur,
+    "nn_brightness": nn_brightness,
+    "nn_contrast": nn_contrast,
+    "nn_lowres": nn_lowres,
+    "nn_gamma_invert": nn_gamma_invert,
+    "nn_gamma": nn_gamma,
+    "bsf_scale": bsf_scale,
+    "bsf_shift": bsf_shift,
+}
 
 
 def intensity(x, params, key, clip=True):
@@ -950,6 +1088,7 @@ def intensity(x, params, key, clip=True):
 # -----------------------------------------------------------------------------
 # Drivers: a batch on the training device, or TorchIO transforms per sample
 
+
 def augment_sample(region, params, patch, order=3, label=None, target_copy=True, coef=None):
     """One sample, any device: region (C, R, R, R) -> (input, target) for pretraining
     (target = after the spatial rows, before the intensity rows) or (image, label)."""
@@ -958,7 +1097,9 @@ def augment_sample(region, params, patch, order=3, label=None, target_copy=True,
     # at half-voxel positions); a patch-sized one only when a spatial row fired, since
     # identity coordinates are its own voxels and cubic B-splines return them exactly
     if tuple(x.shape[1:]) != tuple(patch) or params["spatial"]:
-        x, lab = spatial(x, dict(params["spatial"], _key=params["key"]), patch, order, label=label, clip=params["clip"], coef=coef)
+        x, lab = spatial(
+            x, dict(params["spatial"], _key=params["key"]), patch, order, label=label, clip=params["clip"], coef=coef
+        )
     target = x.clone() if target_copy else None
     x = intensity(x, params["intensity"], params["key"], params["clip"])
     return (x, target) if label is None else (x, lab)
@@ -976,8 +1117,18 @@ def augment_batch(ds, regions, ks, labels=None):
         # per axis); axis-aligned ones are resampled by matrix products without them
         warped = [i for i, p in enumerate(params) if warps(p["spatial"])]
         coef = dict(zip(warped, prefilter3(regions[warped]))) if ds.order == 3 and warped else {}
-        outs = [augment_sample(regions[i], params[i], ds.patch, ds.order, None if labels is None else labels[i].long(),
-                               labels is None, coef.get(i)) for i in range(len(params))]
+        outs = [
+            augment_sample(
+                regions[i],
+                params[i],
+                ds.patch,
+                ds.order,
+                None if labels is None else labels[i].long(),
+                labels is None,
+                coef.get(i),
+            )
+            for i in range(len(params))
+        ]
     a = torch.stack([o[0] for o in outs])
     b = torch.stack([o[1] for o in outs])
     return a, (b.long() if labels is not None else b)
@@ -1016,7 +1167,9 @@ class RandomAmaesRow(RandomTransform, IntensityTransform):
 
     def apply_transform(self, subject):
         image = next(iter(self.get_images_dict(subject).values()))
-        drawn = draw_params(int(torch.randint(2 ** 31, ())), 0, "all", image.num_channels, image.spatial_shape, self.recipe)
+        drawn = draw_params(
+            int(torch.randint(2**31, ())), 0, "all", image.num_channels, image.spatial_shape, self.recipe
+        )
         if self.row not in drawn["intensity"]:
             return subject
         return AmaesRow(self.row, drawn["intensity"][self.row], drawn["key"], self.clip, **_base_args(self))(subject)
@@ -1051,8 +1204,10 @@ class RandomAmaesSpatial(RandomTransform, SpatialTransform):
         self.patch, self.preset, self.order, self.clip, self.recipe = list(patch), preset, order, clip, recipe
 
     def apply_transform(self, subject):
-        drawn = draw_params(int(torch.randint(2 ** 31, ())), 0, self.preset, 1, self.patch, self.recipe)
-        return AmaesSpatial(self.patch, drawn["spatial"], drawn["key"], self.order, self.clip, **_base_args(self))(subject)
+        drawn = draw_params(int(torch.randint(2**31, ())), 0, self.preset, 1, self.patch, self.recipe)
+        return AmaesSpatial(self.patch, drawn["spatial"], drawn["key"], self.order, self.clip, **_base_args(self))(
+            subject
+        )
 
 
 def amaes_transforms(patch, preset="all", clip=True):
@@ -1066,6 +1221,7 @@ def amaes_transforms(patch, preset="all", clip=True):
 # -----------------------------------------------------------------------------
 # Datasets: the workers read and crop-pad; the rows run on the device (augment_batch)
 # or, with aug_on="workers", here per sample through the TorchIO driver.
+
 
 def croppad(vol, start, size, value):
     """vol[:, start:start + size] per axis, padded with `value` to `size` (Yucca's
@@ -1097,14 +1253,29 @@ def load_case(path):
     except (OSError, ValueError, EOFError) as e:
         root = Path(path).parents[1]
         if isinstance(e, FileNotFoundError) and not (root / "dataset.json").exists():  # the whole folder went
-            raise CaseReadError(f"--data {root} disappeared during the run ({type(e).__name__}); put it back and "
-                                "continue with --resume") from None
-        raise CaseReadError(f"{path} cannot be read ({e}); rerun preprocess.py on its raw data (it redoes broken cases)") from None
+            raise CaseReadError(
+                f"--data {root} disappeared during the run ({type(e).__name__}); put it back and continue with --resume"
+            ) from None
+        raise CaseReadError(
+            f"{path} cannot be read ({e}); rerun preprocess.py on its raw data (it redoes broken cases)"
+        ) from None
 
 
 class _Base(torch.utils.data.Dataset):
-    def __init__(self, root, cases=None, patch=128, preset="all", seed=0, split="train", aug_on="device", order=3,
-                 recipe=RECIPE, clip=True, crops=1):
+    def __init__(
+        self,
+        root,
+        cases=None,
+        patch=128,
+        preset="all",
+        seed=0,
+        split="train",
+        aug_on="device",
+        order=3,
+        recipe=RECIPE,
+        clip=True,
+        crops=1,
+    ):
         if preset not in PRESETS:
             raise ValueError(f"--aug {preset!r}: choose from {', '.join(PRESETS)}")
         self.root = Path(root)
@@ -1115,7 +1286,14 @@ class _Base(torch.utils.data.Dataset):
             if not (self.root / "images" / f"{c}.npy").exists():
                 raise FileNotFoundError(f"{self.root / 'images' / (c + '.npy')} is missing; rerun preprocess.py")
         self.patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
-        self.preset, self.seed, self.aug_on, self.order, self.recipe, self.clip = preset, seed, aug_on, order, recipe, clip
+        self.preset, self.seed, self.aug_on, self.order, self.recipe, self.clip = (
+            preset,
+            seed,
+            aug_on,
+            order,
+            recipe,
+            clip,
+        )
         self.crops = crops  # samples k with the same k // crops are cut from one volume (Tang's sw_batch_size)
         self.channels = int(np.load(self.root / "images" / f"{self.cases[0]}.npy", mmap_mode="r").shape[0])
 
@@ -1145,13 +1323,18 @@ class _Base(torch.utils.data.Dataset):
         """The per-sample driver: the sample's rows as TorchIO transforms (AmaesSpatial,
         then AmaesRow for each intensity row that fires), recorded in the subject's
         history. Returns (input, target) or (image, label)."""
-        subject = tio.Subject(image=tio.ScalarImage(tensor=region.float()),
-                              **({"label": tio.LabelMap(tensor=label[None])} if label is not None else {}))
+        subject = tio.Subject(
+            image=tio.ScalarImage(tensor=region.float()),
+            **({"label": tio.LabelMap(tensor=label[None])} if label is not None else {}),
+        )
         if tuple(region.shape[1:]) != tuple(self.patch) or params["spatial"]:  # as augment_sample decides
             subject = AmaesSpatial(self.patch, params["spatial"], params["key"], self.order, params["clip"])(subject)
         target = subject["image"].data.clone()
-        rows = [AmaesRow(r, params["intensity"][r], params["key"], params["clip"])
-                for r in INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS if r in params["intensity"]]
+        rows = [
+            AmaesRow(r, params["intensity"][r], params["key"], params["clip"])
+            for r in INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS
+            if r in params["intensity"]
+        ]
         if rows:
             subject = tio.Compose(rows)(subject)
         self.last_history = subject.history
@@ -1201,8 +1384,22 @@ class SegDataset(_Base):
     centred on the voxel instead of placing it anywhere in the patch. sample(k) ->
     (image, label, info) with info["fg_voxel"] the forced voxel (volume coordinates)."""
 
-    def __init__(self, root, cases=None, patch=128, preset="spatial", seed=0, fg_p=0.33, split="train", aug_on="device",
-                 order=3, centre_fg=False, clip=False, sampler="yucca", batch=1):
+    def __init__(
+        self,
+        root,
+        cases=None,
+        patch=128,
+        preset="spatial",
+        seed=0,
+        fg_p=0.33,
+        split="train",
+        aug_on="device",
+        order=3,
+        centre_fg=False,
+        clip=False,
+        sampler="yucca",
+        batch=1,
+    ):
         super().__init__(root, cases, patch, preset, seed, split, aug_on, order, clip=clip)
         if sampler not in ("yucca", "nnunet", "bsf"):
             raise ValueError(f"sampler {sampler!r}: yucca, nnunet or bsf")
@@ -1220,7 +1417,7 @@ class SegDataset(_Base):
         if case not in self._fg:
             locs = np.argwhere(np.asarray(lab) > 0)[::10]
             if len(locs) > 100_000:
-                locs = locs[::round(len(locs) / 100_000)]
+                locs = locs[:: round(len(locs) / 100_000)]
             self._fg[case] = locs
         return self._fg[case]
 
@@ -1255,7 +1452,7 @@ class SegDataset(_Base):
         if locs:
             cls = sorted(locs)[int(rng.integers(len(locs)))]
             loc = locs[cls][int(rng.integers(len(locs[cls])))]
-            start = [max(lb, int(l) - ri // 2) for lb, l, ri in zip(lbs, loc, r)]
+            start = [max(lb, int(v) - ri // 2) for lb, v, ri in zip(lbs, loc, r)]
         else:
             start = [int(rng.integers(lb, ub + 1)) for lb, ub in zip(lbs, ubs)]
         img = crop_box(vol, start, r, 0.0)
@@ -1295,9 +1492,12 @@ class SegDataset(_Base):
         if forced:
             loc = locs[int(rng.integers(len(locs)))]
             if self.centre_fg:
-                start = [min(max(int(l) - s // 2, 0), max(n - s, 0)) for l, s, n in zip(loc, p, shape)]
+                start = [min(max(int(v) - s // 2, 0), max(n - s, 0)) for v, s, n in zip(loc, p, shape)]
             else:  # the voxel lands anywhere in the patch
-                start = [int(rng.integers(max(0, l - s), min(l, n - s) + 1)) if n >= s else 0 for l, s, n in zip(loc, p, shape)]
+                start = [
+                    int(rng.integers(max(0, v - s), min(v, n - s) + 1)) if n >= s else 0
+                    for v, s, n in zip(loc, p, shape)
+                ]
         else:
             start = [int(rng.integers(n - s + 1)) if n >= s else 0 for n, s in zip(shape, p)]
         img = croppad(vol, start, p, float(vol.min()))
@@ -1323,6 +1523,7 @@ class SegDataset(_Base):
 # -----------------------------------------------------------------------------
 # Masking (AMAES) and the SwinUNETR-SSL views, on the training device
 
+
 @torch.no_grad()
 def random_mask(x, ratio=0.6, token=4, generator=None):
     """Mask a batch x (B, C, *S): in each sample independently, exactly
@@ -1331,8 +1532,10 @@ def random_mask(x, ratio=0.6, token=4, generator=None):
     (B, 1, *S) bool, True = masked). S must divide by token."""
     b, _, *s = x.shape
     if any(n % token for n in s):
-        raise ValueError(f"patch {s} is not divisible by the mask token size {token}; "
-                         f"use a patch that is a multiple of {token} (--patch / --mask-token)")
+        raise ValueError(
+            f"patch {s} is not divisible by the mask token size {token}; "
+            f"use a patch that is a multiple of {token} (--patch / --mask-token)"
+        )
     grid = [n // token for n in s]
     n = math.prod(grid)
     ratio = torch.as_tensor(ratio, dtype=torch.float64).expand(b)
@@ -1340,7 +1543,9 @@ def random_mask(x, ratio=0.6, token=4, generator=None):
     order = torch.rand(b, n, device=x.device, generator=generator).argsort(dim=1)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
     tok = rank >= keep[:, None]  # the first `keep` of a random order are kept
-    mask = tok.view(b, 1, grid[0], 1, grid[1], 1, grid[2], 1).expand(b, 1, grid[0], token, grid[1], token, grid[2], token)
+    mask = tok.view(b, 1, grid[0], 1, grid[1], 1, grid[2], 1).expand(
+        b, 1, grid[0], token, grid[1], token, grid[2], token
+    )
     mask = mask.reshape(b, 1, *s)
     return x.masked_fill(mask, 0), mask
 
@@ -1358,11 +1563,11 @@ def cutout(x, donor=None, generator=None, max_drop=0.3, max_side=0.25, min_side=
     total = math.prod(s)
     target = torch.rand((), generator=generator, device="cpu").item() * max_drop * total
     lo = [max(1, int(min_side * n)) for n in s]
-    hi = [max(l + 1, int(max_side * n)) for l, n in zip(lo, s)]
+    hi = [max(a + 1, int(max_side * n)) for a, n in zip(lo, s)]
     done = 0
     while done < target:
-        start = [int(torch.randint(0, n - l, (), generator=generator)) for n, l in zip(s, lo)]
-        size = [int(torch.randint(l, h, (), generator=generator)) for l, h in zip(lo, hi)]
+        start = [int(torch.randint(0, n - a, (), generator=generator)) for n, a in zip(s, lo)]
+        size = [int(torch.randint(a, h, (), generator=generator)) for a, h in zip(lo, hi)]
         box = (slice(None),) + tuple(slice(a, min(a + z, n)) for a, z, n in zip(start, size, s))
         if donor is None:
             noise = torch.randn(x[box].shape, generator=generator).to(x.device)
@@ -1398,6 +1603,7 @@ def swin_ssl_views(x, generator=None):
 # -----------------------------------------------------------------------------
 # Seeing the recipe: python data.py --show DATA [--out FILE.png] [--preset all]
 
+
 def preset_rows(preset):
     """The rows a preset can fire, in the recipe's order."""
     base = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, RECIPE)
@@ -1413,8 +1619,18 @@ def forced(preset, row, patch):
     96 of 128 at the recipe's end, so that it shows on any patch)."""
     base = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, RECIPE)
     r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS})
-    r.update({row: 1.0, "rotation_axis": 1.0, "blur_channel": 1.0, "lowres_channel": 1.0, "lowres_axis": 1.0,
-              "gibbs_keep": (round(0.75 * min(patch)),) * 2, "nn_blur_channel": 1.0, "nn_lowres_channel": 1.0})
+    r.update(
+        {
+            row: 1.0,
+            "rotation_axis": 1.0,
+            "blur_channel": 1.0,
+            "lowres_channel": 1.0,
+            "lowres_axis": 1.0,
+            "gibbs_keep": (round(0.75 * min(patch)),) * 2,
+            "nn_blur_channel": 1.0,
+            "nn_lowres_channel": 1.0,
+        }
+    )
     return r
 
 
@@ -1431,8 +1647,9 @@ def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_
     out = [("original " + case, orig, {})]
     for row in preset_rows(preset):
         for k in range(50):  # the first sample whose draw changes the image (a rotation of 0 deg, no mirrored axis...)
-            params = draw_params(seed, k, "nnunet" if preset == "nnunet" else "all", orig.shape[0], p,
-                                 forced(preset, row, p), clip)
+            params = draw_params(
+                seed, k, "nnunet" if preset == "nnunet" else "all", orig.shape[0], p, forced(preset, row, p), clip
+            )
             x, _ = augment_sample(orig.clone(), params, p, 3, target_copy=False)
             if not torch.equal(x, orig):
                 break
@@ -1455,18 +1672,29 @@ def show(root, preset="all", case=None, patch=128, seed=0, mask_ratio=0.6, mask_
 
 def main(argv=None):
     from preprocess import ArgumentParser  # one-line flag errors, as every script's
-    p = ArgumentParser(description="See the augmentation recipe: one case through each row of a preset, "
-                                "then the AMAES mask, as one PNG grid with the row names.")
+
+    p = ArgumentParser(
+        description="See the augmentation recipe: one case through each row of a preset, "
+        "then the AMAES mask, as one PNG grid with the row names."
+    )
     p.add_argument("--show", required=True, metavar="DATA", help="preprocessed dataset (preprocess.py output)")
     p.add_argument("--out", default="recipe.png", help="PNG to write (default recipe.png)")
-    p.add_argument("--preset", default="all", choices=PRESETS, help="all (pretraining, default), spatial (finetuning), "
-                   "wald (Wald et al.'s MAE), nnunet (nnU-Net's, finetune --recipe wald), bsf (BrainSegFounder's, "
-                   "finetune --recipe bsf) or none")
+    p.add_argument(
+        "--preset",
+        default="all",
+        choices=PRESETS,
+        help="all (pretraining, default), spatial (finetuning), "
+        "wald (Wald et al.'s MAE), nnunet (nnU-Net's, finetune --recipe wald), bsf (BrainSegFounder's, "
+        "finetune --recipe bsf) or none",
+    )
     p.add_argument("--case", help="which case (default: the first train case)")
     p.add_argument("--patch", type=int, default=128, help="cubic patch side (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    p.add_argument("--no-clip", action="store_true", help="intensity rows not clipped to their input's range, "
-                   "as in the from-scratch finetuning preset (all)")
+    p.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="intensity rows not clipped to their input's range, as in the from-scratch finetuning preset (all)",
+    )
     a = p.parse_args(argv)
     try:
         img, _, _, params = show(a.show, a.preset, a.case, a.patch, a.seed, clip=not a.no_clip)

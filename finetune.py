@@ -1,7 +1,8 @@
 """
 Few-shot finetuning: a pretrained encoder, a new U-Net decoder, n labelled cases.
 
-    torchrun --nproc_per_node=G finetune.py --arch unet_b --data OUT --pretrained RUN/encoder.pt --n-train 20 --seed 0 --out FT
+    torchrun --nproc_per_node=G finetune.py --arch unet_b --data OUT --pretrained RUN/encoder.pt \
+        --n-train 20 --seed 0 --out FT
     python finetune.py --recipe bsf --data OUT --pretrained BrainSegFounder_stage2.pt --n-train 20 --out FT_bsf
     python finetune.py --arch unet_b --data OUT --pretrained none --n-train 20 --out FT_scratch   # from scratch
     python finetune.py --out FT --resume
@@ -84,6 +85,7 @@ cases out for validation Dice (sliding window over each held-out volume, every
 --val-every epochs and at the end) and keeps the best weights in best.pt
 (evaluate.py --checkpoint best); the run then reads n-train + N labelled cases.
 """
+
 import argparse
 import math
 import shlex
@@ -95,126 +97,319 @@ import torch
 import torch.nn.functional as F
 
 import data
+import models
 import pictures
 from evaluate import sliding_window
-import models
 from models import ARCHS, build_model, describe, load_encoder, patch_rule
 from preprocess import ArgumentParser, save_json
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch,
-                      check_resumed_cases, check_run_flags, gather, guarded_step, load_pretrained_file, make_loader,
-                      make_optimizer, precision, preflight, open_run, resume_or_start, restore, run_main, save_all, set_lr,
-                      setup, steps, stop_if_signalled, stopped, user_input, wrap)
-
-
+from training import (
+    Interval,
+    StopRun,
+    UserError,
+    add_run_flags,
+    all_sum,
+    check_patch,
+    check_resumed_cases,
+    check_run_flags,
+    gather,
+    guarded_step,
+    load_pretrained_file,
+    make_loader,
+    make_optimizer,
+    open_run,
+    precision,
+    preflight,
+    process_batch,
+    restore,
+    resume_or_start,
+    run_main,
+    save_all,
+    set_lr,
+    setup,
+    steps,
+    stop_if_signalled,
+    stopped,
+    user_input,
+    wrap,
+)
 
 # The finetuning recipes: the value of every flag a recipe sets, one plain dict each. lr_scratch:
 # the lr when --pretrained none. batch_scope: --batch per process (AMAES: every device loads 8) or the
 # total over the processes (nnU-Net's plan batch size, split over the GPUs, nnUNetTrainer.py l.363-406).
 RECIPES = {
-    "amaes": dict(patch=128, batch=8, batch_scope="process", epochs=500, steps_per_epoch=100, optimizer="adamw", lr=1e-4,
-                  lr_scratch=1e-4, wd=3e-5, schedule="cosine", t_max=575.0, eta_min=1e-9, warmup_epochs=0, dice_smooth=1.0,
-                  dice_background="include", grad_clip=0.0, tile_stem=False, sampler="yucca", interp="cubic", blend="sum",
-                  tta=False, loss="dice_ce", val_every=50, infer_overlap=0.5, dtype="auto"),
+    "amaes": dict(
+        patch=128,
+        batch=8,
+        batch_scope="process",
+        epochs=500,
+        steps_per_epoch=100,
+        optimizer="adamw",
+        lr=1e-4,
+        lr_scratch=1e-4,
+        wd=3e-5,
+        schedule="cosine",
+        t_max=575.0,
+        eta_min=1e-9,
+        warmup_epochs=0,
+        dice_smooth=1.0,
+        dice_background="include",
+        grad_clip=0.0,
+        tile_stem=False,
+        sampler="yucca",
+        interp="cubic",
+        blend="sum",
+        tta=False,
+        loss="dice_ce",
+        val_every=50,
+        infer_overlap=0.5,
+        dtype="auto",
+    ),
     # nnssl's PretrainedTrainer (TaWald/nnUNet branch nnssl_finetuning_inclusion,
     # nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py l.36-41: lr 1e-3, 1e-2 from scratch;
     # warm-up 50 epochs l.38) on nnU-Net's trainer: its augmentation (aug nnunet), sampler, trilinear
     # resampling (batchgeneratorsv2 SpatialTransform mode 'bilinear'), and predictor (Gaussian blending,
     # mirroring over the axes (0, 1, 2) of nnUNetTrainer.py l.468/483)
-    "wald": dict(patch=160, batch=2, batch_scope="total", epochs=1000, steps_per_epoch=250, optimizer="sgd", lr=1e-3,
-                 lr_scratch=1e-2, wd=3e-5, schedule="warmup_poly", t_max=575.0, eta_min=0.0, warmup_epochs=50, dice_smooth=1e-5,
-                 dice_background="exclude", grad_clip=12.0, tile_stem=True, sampler="nnunet", interp="linear", blend="gaussian",
-                 tta=True, loss="dice_ce", val_every=50, infer_overlap=0.5, dtype="auto"),
+    "wald": dict(
+        patch=160,
+        batch=2,
+        batch_scope="total",
+        epochs=1000,
+        steps_per_epoch=250,
+        optimizer="sgd",
+        lr=1e-3,
+        lr_scratch=1e-2,
+        wd=3e-5,
+        schedule="warmup_poly",
+        t_max=575.0,
+        eta_min=0.0,
+        warmup_epochs=50,
+        dice_smooth=1e-5,
+        dice_background="exclude",
+        grad_clip=12.0,
+        tile_stem=True,
+        sampler="nnunet",
+        interp="linear",
+        blend="gaussian",
+        tta=True,
+        loss="dice_ce",
+        val_every=50,
+        infer_overlap=0.5,
+        dtype="auto",
+    ),
     # BrainSegFounder's BraTS finetuning (lab-smile/BrainSegFounder downstream/BraTS/finetuning/, the module
     # docstring gives each number's file and line). steps_per_epoch None: one pass over the n-train cases,
     # ceil(n / (batch x processes)), derived in train(); t_max and interp are unused (warmup_cosine, no resampling).
-    "bsf": dict(patch=128, batch=2, batch_scope="process", epochs=300, steps_per_epoch=None, optimizer="adamw", lr=1e-4,
-                lr_scratch=1e-4, wd=1e-5, schedule="warmup_cosine", t_max=300.0, eta_min=0.0, warmup_epochs=50,
-                dice_smooth=1e-5, dice_background="include", grad_clip=0.0, tile_stem=False, sampler="bsf",
-                interp="cubic", blend="mean", tta=False, loss="dice", val_every=5, infer_overlap=0.6, dtype="fp32"),
+    "bsf": dict(
+        patch=128,
+        batch=2,
+        batch_scope="process",
+        epochs=300,
+        steps_per_epoch=None,
+        optimizer="adamw",
+        lr=1e-4,
+        lr_scratch=1e-4,
+        wd=1e-5,
+        schedule="warmup_cosine",
+        t_max=300.0,
+        eta_min=0.0,
+        warmup_epochs=50,
+        dice_smooth=1e-5,
+        dice_background="include",
+        grad_clip=0.0,
+        tile_stem=False,
+        sampler="bsf",
+        interp="cubic",
+        blend="mean",
+        tta=False,
+        loss="dice",
+        val_every=5,
+        infer_overlap=0.6,
+        dtype="fp32",
+    ),
 }
 
 
 def get_args(argv=None):
     """Parsed flags, checked; a.given holds the flags whose value is not the default."""
-    p = ArgumentParser(prog="finetune.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="finetune.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arch", choices=list(ARCHS), help="network (default: the one in --pretrained, else unet_b)")
-    p.add_argument("--decoder", choices=("unet", "native"), help="MedNeXt only: U-Net decoder (default, the paper) or MedNeXt's own")
-    p.add_argument("--data", default="demo/preprocessed", help="preprocessed labelled dataset (default demo/preprocessed)")
-    p.add_argument("--pretrained", help="pretrained weights (required): RUN/encoder.pt of pretrain.py, a released file "
-                   "(AMAES *_lw_dec_fullaug.pth, nnssl/OpenMind ResEnc-L, MONAI model_swinvit.pt, BrainSegFounder; "
-                   "detected from its contents), or 'none' to train from scratch")
+    p.add_argument(
+        "--decoder",
+        choices=("unet", "native"),
+        help="MedNeXt only: U-Net decoder (default, the paper) or MedNeXt's own",
+    )
+    p.add_argument(
+        "--data", default="demo/preprocessed", help="preprocessed labelled dataset (default demo/preprocessed)"
+    )
+    p.add_argument(
+        "--pretrained",
+        help="pretrained weights (required): RUN/encoder.pt of pretrain.py, a released file "
+        "(AMAES *_lw_dec_fullaug.pth, nnssl/OpenMind ResEnc-L, MONAI model_swinvit.pt, BrainSegFounder; "
+        "detected from its contents), or 'none' to train from scratch",
+    )
     p.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
-    p.add_argument("--n-train", default="20", help="labelled training cases, drawn by --seed from the train split, or 'all' (default 20)")
-    p.add_argument("--val-cases", type=int, default=0, help="ours, not the paper's: hold out N more labelled train cases for "
-                   "validation Dice and keep best.pt (default 0: the run reads exactly --n-train labelled cases)")
-    p.add_argument("--tile-stem", action=argparse.BooleanOptionalAction, help="a pretrained first convolution with fewer "
-                   "input channels than the task is tiled over them, scaled by 1/C (recipe amaes: no, the stem stays freshly "
-                   "initialised as the AMAES authors' transfer leaves it, so --tile-stem leaves their protocol; recipe wald: "
-                   "yes, as nnssl's PretrainedTrainer does; recipe bsf: no, BrainSegFounder replaces the whole patch "
-                   "embedding)")
-    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="amaes (default: Munk et al.'s "
-                   "finetuning), wald (nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE) or bsf "
-                   "(BrainSegFounder's BraTS finetuning); any flag below overrides one number of it")
+    p.add_argument(
+        "--n-train",
+        default="20",
+        help="labelled training cases, drawn by --seed from the train split, or 'all' (default 20)",
+    )
+    p.add_argument(
+        "--val-cases",
+        type=int,
+        default=0,
+        help="ours, not the paper's: hold out N more labelled train cases for "
+        "validation Dice and keep best.pt (default 0: the run reads exactly --n-train labelled cases)",
+    )
+    p.add_argument(
+        "--tile-stem",
+        action=argparse.BooleanOptionalAction,
+        help="a pretrained first convolution with fewer "
+        "input channels than the task is tiled over them, scaled by 1/C (recipe amaes: no, the stem stays freshly "
+        "initialised as the AMAES authors' transfer leaves it, so --tile-stem leaves their protocol; recipe wald: "
+        "yes, as nnssl's PretrainedTrainer does; recipe bsf: no, BrainSegFounder replaces the whole patch "
+        "embedding)",
+    )
+    p.add_argument(
+        "--recipe",
+        default="amaes",
+        choices=list(RECIPES),
+        help="amaes (default: Munk et al.'s "
+        "finetuning), wald (nnssl's nnU-Net PretrainedTrainer, after Wald et al.'s MAE) or bsf "
+        "(BrainSegFounder's BraTS finetuning); any flag below overrides one number of it",
+    )
     p.add_argument("--patch", type=int, help="cubic patch side (recipe: amaes / wald / bsf values: 128 / 160 / 128)")
-    p.add_argument("--batch", type=int, help="samples per step, per process or in total as --batch-scope says "
-                   "(recipe: 8 per process / 2 in total / 2 per process)")
-    p.add_argument("--batch-scope", choices=("process", "total"), help="--batch is per process, or the total over all "
-                   "processes split evenly (recipe: process / total, nnU-Net's plan batch size over the GPUs / "
-                   "process)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="samples per step, per process or in total as --batch-scope says "
+        "(recipe: 8 per process / 2 in total / 2 per process)",
+    )
+    p.add_argument(
+        "--batch-scope",
+        choices=("process", "total"),
+        help="--batch is per process, or the total over all "
+        "processes split evenly (recipe: process / total, nnU-Net's plan batch size over the GPUs / "
+        "process)",
+    )
     p.add_argument("--epochs", type=int, help="epochs (recipe: 500 / 1000 / 300)")
-    p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (recipe: 100 / 250 / one pass over the "
-                   "n-train cases, ceil(n-train / (batch x processes)): 10 for 20 cases on one GPU)")
-    p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 "
-                   "(recipe: adamw / sgd / adamw)")
-    p.add_argument("--lr", type=float, help="learning rate (recipe: 1e-4 / 1e-3 with --pretrained, 1e-2 from scratch "
-                   "as nnU-Net / 1e-4)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        help="batches per epoch (recipe: 100 / 250 / one pass over the "
+        "n-train cases, ceil(n-train / (batch x processes)): 10 for 20 cases on one GPU)",
+    )
+    p.add_argument(
+        "--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit"
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / sgd / adamw)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (recipe: 1e-4 / 1e-3 with --pretrained, 1e-2 from scratch as nnU-Net / 1e-4)",
+    )
     p.add_argument("--wd", type=float, help="weight decay (recipe: 3e-5 / 3e-5 / 1e-5)")
-    p.add_argument("--schedule", choices=("cosine", "warmup_poly", "warmup_cosine"), help="cosine annealing per epoch "
-                   "(T_max, eta_min); linear warm-up of the whole network over --warmup-epochs then poly 0.9; or "
-                   "linear warm-up from 0 over --warmup-epochs then cosine to --eta-min at the last epoch (MONAI "
-                   "tutorials' LinearWarmupCosineAnnealingLR) (recipe: cosine / warmup_poly / warmup_cosine)")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "warmup_poly", "warmup_cosine"),
+        help="cosine annealing per epoch "
+        "(T_max, eta_min); linear warm-up of the whole network over --warmup-epochs then poly 0.9; or "
+        "linear warm-up from 0 over --warmup-epochs then cosine to --eta-min at the last epoch (MONAI "
+        "tutorials' LinearWarmupCosineAnnealingLR) (recipe: cosine / warmup_poly / warmup_cosine)",
+    )
     p.add_argument("--t-max", type=float, help="cosine annealing period in epochs, schedule cosine (recipe: 575)")
     p.add_argument("--eta-min", type=float, help="cosine annealing floor (recipe: 1e-9 / unused / 0)")
-    p.add_argument("--warmup-epochs", type=int, help="warm-up epochs of warmup_poly / warmup_cosine "
-                   "(recipe: unused / 50 / 50)")
-    p.add_argument("--fg-p", type=float, default=0.33, help="share of patches forced to hold a labelled voxel (default 0.33, "
-                   "both recipes); how, --sampler says")
-    p.add_argument("--sampler", choices=("yucca", "nnunet", "bsf"), help="yucca: each patch forced with p --fg-p, its "
-                   "voxel drawn from all classes' voxels pooled, anywhere in the patch (AMAES); nnunet: the last "
-                   "round(B * (1 - fg-p)).. slots of each step's batch (all processes) forced, a class drawn among "
-                   "those present, the patch centred on one of its voxels; bsf: no foreground forcing (--fg-p unused), "
-                   "a patch uniform in the image's non-zero box grown to a multiple of the patch (MONAI "
-                   "CropForegroundd k_divisible + RandSpatialCropd) (recipe: yucca / nnunet / bsf)")
-    p.add_argument("--centre-fg", action="store_true", help="ours, not the paper's: a forced patch is centred on its voxel")
-    p.add_argument("--interp", choices=("cubic", "linear"), help="image resampling of the spatial rows: cubic B-spline "
-                   "(AMAES's Yucca) or linear (batchgeneratorsv2's, nnU-Net) (recipe: cubic / linear)")
-    p.add_argument("--loss", choices=("dice_ce", "dice", "ce"), help="soft Dice + CE 1:1, or one of them (recipe: "
-                   "dice_ce / dice_ce / dice, MONAI DiceLoss alone)")
-    p.add_argument("--dice-smooth", type=float, help="soft Dice smoothing term, numerator and denominator (recipe: "
-                   "1 / 1e-5 / 1e-5, MONAI DiceLoss's smooth_nr = smooth_dr)")
-    p.add_argument("--dice-background", choices=("include", "exclude"), help="background class in the soft Dice (recipe: "
-                   "include / exclude, nnU-Net's do_bg False / include, MONAI's include_background)")
-    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe amaes: spatial when finetuning, all from "
-                   "scratch; recipe wald: nnunet, nnU-Net's default pipeline, either way; recipe bsf: bsf, either way)")
-    p.add_argument("--val-every", type=int, help="validate every N epochs (with --val-cases), and at the end "
-                   "(recipe: 50 / 50 / 5)")
+    p.add_argument(
+        "--warmup-epochs", type=int, help="warm-up epochs of warmup_poly / warmup_cosine (recipe: unused / 50 / 50)"
+    )
+    p.add_argument(
+        "--fg-p",
+        type=float,
+        default=0.33,
+        help="share of patches forced to hold a labelled voxel (default 0.33, both recipes); how, --sampler says",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("yucca", "nnunet", "bsf"),
+        help="yucca: each patch forced with p --fg-p, its "
+        "voxel drawn from all classes' voxels pooled, anywhere in the patch (AMAES); nnunet: the last "
+        "round(B * (1 - fg-p)).. slots of each step's batch (all processes) forced, a class drawn among "
+        "those present, the patch centred on one of its voxels; bsf: no foreground forcing (--fg-p unused), "
+        "a patch uniform in the image's non-zero box grown to a multiple of the patch (MONAI "
+        "CropForegroundd k_divisible + RandSpatialCropd) (recipe: yucca / nnunet / bsf)",
+    )
+    p.add_argument(
+        "--centre-fg", action="store_true", help="ours, not the paper's: a forced patch is centred on its voxel"
+    )
+    p.add_argument(
+        "--interp",
+        choices=("cubic", "linear"),
+        help="image resampling of the spatial rows: cubic B-spline "
+        "(AMAES's Yucca) or linear (batchgeneratorsv2's, nnU-Net) (recipe: cubic / linear)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("dice_ce", "dice", "ce"),
+        help="soft Dice + CE 1:1, or one of them (recipe: dice_ce / dice_ce / dice, MONAI DiceLoss alone)",
+    )
+    p.add_argument(
+        "--dice-smooth",
+        type=float,
+        help="soft Dice smoothing term, numerator and denominator (recipe: "
+        "1 / 1e-5 / 1e-5, MONAI DiceLoss's smooth_nr = smooth_dr)",
+    )
+    p.add_argument(
+        "--dice-background",
+        choices=("include", "exclude"),
+        help="background class in the soft Dice (recipe: "
+        "include / exclude, nnU-Net's do_bg False / include, MONAI's include_background)",
+    )
+    p.add_argument(
+        "--aug",
+        choices=data.PRESETS,
+        help="augmentation preset (recipe amaes: spatial when finetuning, all from "
+        "scratch; recipe wald: nnunet, nnU-Net's default pipeline, either way; recipe bsf: bsf, either way)",
+    )
+    p.add_argument(
+        "--val-every", type=int, help="validate every N epochs (with --val-cases), and at the end (recipe: 50 / 50 / 5)"
+    )
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation (default 0.5)")
-    p.add_argument("--infer-overlap", type=float, help="sliding-window overlap recorded in the run for evaluate.py "
-                   "(recipe: 0.5 / 0.5 / 0.6, BrainSegFounder's test.py)")
-    p.add_argument("--blend", choices=("sum", "gaussian", "mean"), help="sliding-window blending, recorded in the run "
-                   "for evaluate.py (recipe: sum, Yucca's summed logits / gaussian, nnU-Net's importance map sigma "
-                   "patch/8 / mean, MONAI sliding_window_inference mode constant)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirroring at inference (the mean over the 8 flips), "
-                   "recorded in the run for evaluate.py (recipe: no / yes, nnU-Net's predictor over axes 0, 1, 2 / no)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the case selection, samples and initialisation (default 0)")
+    p.add_argument(
+        "--infer-overlap",
+        type=float,
+        help="sliding-window overlap recorded in the run for evaluate.py "
+        "(recipe: 0.5 / 0.5 / 0.6, BrainSegFounder's test.py)",
+    )
+    p.add_argument(
+        "--blend",
+        choices=("sum", "gaussian", "mean"),
+        help="sliding-window blending, recorded in the run "
+        "for evaluate.py (recipe: sum, Yucca's summed logits / gaussian, nnU-Net's importance map sigma "
+        "patch/8 / mean, MONAI sliding_window_inference mode constant)",
+    )
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="mirroring at inference (the mean over the 8 flips), "
+        "recorded in the run for evaluate.py (recipe: no / yes, nnU-Net's predictor over axes 0, 1, 2 / no)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the case selection, samples and initialisation (default 0)"
+    )
     add_run_flags(p)
     a = p.parse_args(argv)
     given = {k for k, v in vars(a).items() if v is not None and v != p.get_default(k)}
     for k, v in RECIPES[a.recipe].items():  # the recipe fills every number not given
         if k != "lr_scratch" and k not in given:
             setattr(a, k, RECIPES[a.recipe]["lr_scratch"] if k == "lr" and a.pretrained == "none" else v)
-    check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every"))
+    check_run_flags(
+        p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "val_every")
+    )
     if not a.lr >= 0 or not a.wd >= 0:  # NaN too; 0 is allowed (a frozen run, as the tests' exact-transfer check)
         p.error(f"--lr and --wd must be >= 0 (got --lr {a.lr:g}, --wd {a.wd:g})")
     a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
@@ -241,6 +436,7 @@ def get_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
+
 
 def lr_at(step, steps_per_epoch, epochs, total, a):
     """Stepped per epoch. cosine (AMAES): annealing with T_max in epochs and an eta_min
@@ -290,8 +486,9 @@ def seg_loss(logits, target, kind="dice_ce", smooth=1.0, background=True, region
     dims = tuple(range(2, logits.dim()))
     if regions:
         p, g = logits.sigmoid() * valid, target.clamp(min=0) * valid
-        ce = (F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none") * valid).sum() / \
-            (valid.sum() * logits.shape[1]).clamp(min=1)
+        ce = (F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none") * valid).sum() / (
+            valid.sum() * logits.shape[1]
+        ).clamp(min=1)
     else:
         p = logits.softmax(1) * valid
         g = F.one_hot(target.clamp(min=0), logits.shape[1]).movedim(-1, 1).float() * valid
@@ -303,12 +500,18 @@ def seg_loss(logits, target, kind="dice_ce", smooth=1.0, background=True, region
 
 def transfer_report(rep, path, fmt, n_dec, in_ch):
     """One line for what the transfer did, tensor by tensor in summary."""
-    return (f"transfer from {path} ({models.FORMATS[fmt]}): {len(rep['loaded'])} encoder tensors loaded"
-            + (f"; {', '.join(rep['adapted'])} tiled to {in_ch} channels" if rep["adapted"] else "")
-            + (f"; {', '.join(rep['fresh'])} freshly initialised ({in_ch} input channels)" if rep["fresh"] else "")
-            + f"; decoder ({n_dec} tensors) freshly initialised"
-            + (f"; not used from the file: {len(rep['unused'])} tensors ({', '.join(sorted({k.split('.')[0] + '.' + k.split('.')[1] for k in rep['unused']})[:4])})"
-               if rep["unused"] else ""))
+    return (
+        f"transfer from {path} ({models.FORMATS[fmt]}): {len(rep['loaded'])} encoder tensors loaded"
+        + (f"; {', '.join(rep['adapted'])} tiled to {in_ch} channels" if rep["adapted"] else "")
+        + (f"; {', '.join(rep['fresh'])} freshly initialised ({in_ch} input channels)" if rep["fresh"] else "")
+        + f"; decoder ({n_dec} tensors) freshly initialised"
+        + (
+            f"; not used from the file: {len(rep['unused'])} tensors "
+            f"({', '.join(sorted({'.'.join(k.split('.')[:2]) for k in rep['unused']})[:4])})"
+            if rep["unused"]
+            else ""
+        )
+    )
 
 
 def train(a):
@@ -331,43 +534,64 @@ def train(a):
         chosen = data.select_few_shot(pool, a.n_train, a.seed)
         rest = [c for c in pool if c not in chosen]
         if a.val_cases > len(rest) and ck is None:  # (a run started before this check resumes with what it had)
-            raise UserError(f"--val-cases {a.val_cases}: only {len(rest)} train case(s) are left after --n-train {a.n_train} "
-                            f"of {len(pool)}; choose --val-cases {len(rest)} or fewer, or a smaller --n-train")
+            raise UserError(
+                f"--val-cases {a.val_cases}: only {len(rest)} train case(s) are left after --n-train {a.n_train} "
+                f"of {len(pool)}; choose --val-cases {len(rest)} or fewer, or a smaller --n-train"
+            )
         n_val = min(a.val_cases, len(rest))
-        val_cases = sorted(np.random.default_rng([a.seed, 98]).choice(rest, n_val, replace=False).tolist()) if n_val else []
+        val_cases = (
+            sorted(np.random.default_rng([a.seed, 98]).choice(rest, n_val, replace=False).tolist()) if n_val else []
+        )
         check_resumed_cases(ck, a.data, chosen, val_cases)
         data.check_cases(a.data, chosen + val_cases, labels=True)  # a truncated file named now, not after some steps
         if not a.no_preflight:
-            data.check_finite(a.data, (chosen + val_cases)[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))
+            data.check_finite(a.data, (chosen + val_cases)[ctx.rank :: ctx.world], share=lambda bad: gather(ctx, bad))
         ignore = ds_json.get("ignore_label")  # e.g. WMH's "other pathology": no class, no loss
-        values = [int(v) for v in ds_json["label_values"] if v != ignore]  # e.g. BraTS [0, 1, 2, 3]: class k is values[k]
+        values = [
+            int(v) for v in ds_json["label_values"] if v != ignore
+        ]  # e.g. BraTS [0, 1, 2, 3]: class k is values[k]
         regions = ds_json.get("training_regions")  # nnU-Net region labels: one sigmoid output per region
         in_ch = int(ds_json.get("n_channels", 1))
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
-        train_ds = data.SegDataset(a.data, chosen, a.patch, a.aug, a.seed, a.fg_p, aug_on=a.aug_on,
-                                   order=3 if a.interp == "cubic" else 1, centre_fg=a.centre_fg, sampler=a.sampler,
-                                   batch=bp * ctx.world)
+        train_ds = data.SegDataset(
+            a.data,
+            chosen,
+            a.patch,
+            a.aug,
+            a.seed,
+            a.fg_p,
+            aug_on=a.aug_on,
+            order=3 if a.interp == "cubic" else 1,
+            centre_fg=a.centre_fg,
+            sampler=a.sampler,
+            batch=bp * ctx.world,
+        )
     if a.steps_per_epoch is None:  # recipe bsf: an epoch is one pass over the n-train cases (their DataLoader)
         a.steps_per_epoch = math.ceil(len(chosen) / (bp * ctx.world))
     spe = a.steps_per_epoch
     total = a.steps or a.epochs * spe
-    say(f"finetune.py: run {out} ({'resumed at step ' + str(ck['step']) if ck else 'new'}), data {a.data} "
+    say(
+        f"finetune.py: run {out} ({'resumed at step ' + str(ck['step']) if ck else 'new'}), data {a.data} "
         f"({ds_json.get('name')}: {len(chosen)} + {len(val_cases)} val of {len(pool)} train cases), "
-        f"pretrained {a.pretrained}")
+        f"pretrained {a.pretrained}"
+    )
 
     # -- model: pretrained encoder, fresh decoder -----------------------------
     pre = load_pretrained_file(a.pretrained, "--pretrained") if ck is None and a.pretrained != "none" else None
     if pre is not None:  # the file says which network it is (and how SwinUNETR merges patches)
         if a.arch not in (None, pre["arch"]):
-            raise UserError(f"--pretrained {a.pretrained} holds {pre['arch']} weights, but --arch is {a.arch}; "
-                            f"use --arch {pre['arch']} (or leave --arch out)")
+            raise UserError(
+                f"--pretrained {a.pretrained} holds {pre['arch']} weights, but --arch is {a.arch}; "
+                f"use --arch {pre['arch']} (or leave --arch out)"
+            )
         a.arch, a.legacy_merge = pre["arch"], pre["legacy_merge"]
     a.arch = a.arch or "unet_b"
     check_patch(a.arch, a.patch)
     torch.manual_seed(a.seed)
     n_out = len(regions) if regions else len(values)
-    model = build_model(a.arch, in_ch, n_out, decoder=a.decoder, checkpointing=a.checkpointing,
-                        legacy_merge=a.legacy_merge)
+    model = build_model(
+        a.arch, in_ch, n_out, decoder=a.decoder, checkpointing=a.checkpointing, legacy_merge=a.legacy_merge
+    )
     if pre is not None:
         with user_input():
             rep = load_encoder(model, pre, adapt_stem=a.tile_stem)
@@ -378,34 +602,68 @@ def train(a):
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step, best = restore(ck, model, opt, scaler), ck["best"] if ck is not None else -1.0
-    region = math.prod(train_ds.region_size()) if a.aug_on != "workers" else a.patch ** 3
+    region = math.prod(train_ds.region_size()) if a.aug_on != "workers" else a.patch**3
     sample_bytes = in_ch * region * 2 + region * (8 if a.aug_on == "workers" else 1)
     preflight(model, a, ctx, out, sample_bytes, a.optimizer)
     net = wrap(model, a.compile, ctx)
 
-    facts = {"arch": a.arch, "in_channels": in_ch, "label_values": values, "labels": ds_json.get("labels"),
-             "label_names": ds_json.get("label_names"), "training_regions": regions,
-             "regions_class_order": ds_json.get("regions_class_order"), "ignore_label": ignore, "n_outputs": n_out,
-             "patch": a.patch, "decoder": a.decoder, "legacy_merge": a.legacy_merge, "pretrained": a.pretrained, "seed": a.seed,
-             "n_train": int(a.n_train) if a.n_train.isdigit() else a.n_train, "recipe": getattr(a, "recipe", None),
-             "dataset": ds_json.get("name"), "data": str(Path(a.data).resolve()),
-             "pretrained_file": a.pretrained if a.pretrained in (None, "none") else str(Path(a.pretrained).resolve()),
-             "transpose": ds_json.get("transpose"),  # the axis order of the data: evaluate.py --images applies it
-             # the recipe's predictor (window positions, blending, mirroring): evaluate.py applies it
-             # (MONAI's window positions at any overlap are Yucca's: multiples of int(patch (1 - overlap)),
-             # the last flush with the end)
-             "inference": {"blend": a.blend, "tta": a.tta, "steps": "nnunet" if a.recipe == "wald" else "yucca",
-                           "overlap": a.infer_overlap}}
+    facts = {
+        "arch": a.arch,
+        "in_channels": in_ch,
+        "label_values": values,
+        "labels": ds_json.get("labels"),
+        "label_names": ds_json.get("label_names"),
+        "training_regions": regions,
+        "regions_class_order": ds_json.get("regions_class_order"),
+        "ignore_label": ignore,
+        "n_outputs": n_out,
+        "patch": a.patch,
+        "decoder": a.decoder,
+        "legacy_merge": a.legacy_merge,
+        "pretrained": a.pretrained,
+        "seed": a.seed,
+        "n_train": int(a.n_train) if a.n_train.isdigit() else a.n_train,
+        "recipe": getattr(a, "recipe", None),
+        "dataset": ds_json.get("name"),
+        "data": str(Path(a.data).resolve()),
+        "pretrained_file": a.pretrained if a.pretrained in (None, "none") else str(Path(a.pretrained).resolve()),
+        "transpose": ds_json.get("transpose"),  # the axis order of the data: evaluate.py --images applies it
+        # the recipe's predictor (window positions, blending, mirroring): evaluate.py applies it
+        # (MONAI's window positions at any overlap are Yucca's: multiples of int(patch (1 - overlap)),
+        # the last flush with the end)
+        "inference": {
+            "blend": a.blend,
+            "tta": a.tta,
+            "steps": "nnunet" if a.recipe == "wald" else "yucca",
+            "overlap": a.infer_overlap,
+        },
+    }
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
-        save_json(out / "cases.json", {"n_train": facts["n_train"], "seed": a.seed, "train": chosen, "val": val_cases,
-                                       "labelled_cases_read": sorted(chosen + val_cases)})
+        save_json(
+            out / "cases.json",
+            {
+                "n_train": facts["n_train"],
+                "seed": a.seed,
+                "train": chosen,
+                "val": val_cases,
+                "labelled_cases_read": sorted(chosen + val_cases),
+            },
+        )
     say(describe(model))
-    say(f"recipe {a.recipe}: " + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe] if k != "lr_scratch")
-        + f", aug {a.aug} (batch {a.batch} {'in total over the processes' if a.batch_scope == 'total' else 'per process'})")
-    say(f"{len(chosen)}-shot ({a.n_train}, seed {a.seed}) of {len(pool)} train cases, {len(val_cases)} held out for validation; "
-        f"{ctx.world} process(es) x batch {bp} (--batch {a.batch} {'in total' if a.batch_scope == 'total' else 'per process'}), "
-        f"sampler {a.sampler}, inference {a.blend}{' + mirroring' if a.tta else ''}, patch {a.patch}^3, {total} steps ({spe} per epoch), {a.dtype} on {ctx.device.type}, aug {a.aug}")
+    say(
+        f"recipe {a.recipe}: "
+        + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe] if k != "lr_scratch")
+        + f", aug {a.aug} (batch {a.batch} "
+        + f"{'in total over the processes' if a.batch_scope == 'total' else 'per process'})"
+    )
+    say(
+        f"{len(chosen)}-shot ({a.n_train}, seed {a.seed}) of {len(pool)} train cases, "
+        f"{len(val_cases)} held out for validation; {ctx.world} process(es) x batch {bp} "
+        f"(--batch {a.batch} {'in total' if a.batch_scope == 'total' else 'per process'}), "
+        f"sampler {a.sampler}, inference {a.blend}{' + mirroring' if a.tta else ''}, patch {a.patch}^3, "
+        f"{total} steps ({spe} per epoch), {a.dtype} on {ctx.device.type}, aug {a.aug}"
+    )
 
     saved = ck["step"] if ck is not None else None  # the step of the last good checkpoint
 
@@ -413,23 +671,45 @@ def train(a):
         """ckpt.pt (the last state: to resume, and what evaluate.py reads) and, after a
         better validation (--val-cases), best.pt; finite weights only."""
         state = dict(facts, model=model.state_dict(), step=step, best=best)
-        save_all(ctx, [(dict(state, optimizer=opt.state_dict(), scaler=scaler.state_dict(), total=total, world=ctx.world,
-                             rng=torch.get_rng_state(), args=vars(a), train_cases=chosen, val_cases=val_cases),
-                        out / "ckpt.pt", True)] + ([(state, out / "best.pt", False)] if is_best else []))
+        save_all(
+            ctx,
+            [
+                (
+                    dict(
+                        state,
+                        optimizer=opt.state_dict(),
+                        scaler=scaler.state_dict(),
+                        total=total,
+                        world=ctx.world,
+                        rng=torch.get_rng_state(),
+                        args=vars(a),
+                        train_cases=chosen,
+                        val_cases=val_cases,
+                    ),
+                    out / "ckpt.pt",
+                    True,
+                )
+            ]
+            + ([(state, out / "best.pt", False)] if is_best else []),
+        )
 
     @torch.no_grad()
     def validate():
         """Mean foreground Dice over the held-out cases (nanmean), rank r taking every W-th."""
         model.eval()
         tot = cnt = 0.0
-        for case in val_cases[ctx.rank::ctx.world]:
+        for case in val_cases[ctx.rank :: ctx.world]:
             img = torch.from_numpy(np.load(Path(a.data, "images", f"{case}.npy")).astype(np.float32)).to(ctx.device)
             ref = torch.from_numpy(np.load(Path(a.data, "labels", f"{case}.npy")).astype(np.int64)).to(ctx.device)
-            logits = sliding_window(model, img, a.patch, a.overlap, a.blend, a.tta, autocast=autocast,
-                                    steps=facts["inference"]["steps"])
+            logits = sliding_window(
+                model, img, a.patch, a.overlap, a.blend, a.tta, autocast=autocast, steps=facts["inference"]["steps"]
+            )
             keep = ref != ignore if ignore is not None else torch.ones_like(ref, dtype=torch.bool)
             if regions:  # region k of the prediction vs the reference voxels in region k
-                pairs = [(logits[k] > 0, torch.isin(ref, torch.tensor(v, device=ref.device))) for k, v in enumerate(regions.values())]
+                pairs = [
+                    (logits[k] > 0, torch.isin(ref, torch.tensor(v, device=ref.device)))
+                    for k, v in enumerate(regions.values())
+                ]
             else:
                 pred = torch.tensor(values, device=ctx.device)[logits.argmax(0)]
                 pairs = [(pred == v, ref == v) for v in values[1:]]
@@ -458,8 +738,14 @@ def train(a):
         set_lr(opt, lr)
         with autocast:
             logits = net(img)  # (B, K, P, P, P)
-        loss = seg_loss(logits, targets(seg, values, ignore, regions), a.loss, a.dice_smooth, a.dice_background == "include",
-                        bool(regions))
+        loss = seg_loss(
+            logits,
+            targets(seg, values, ignore, regions),
+            a.loss,
+            a.dice_smooth,
+            a.dice_background == "include",
+            bool(regions),
+        )
         skipped = guarded_step(loss, opt, scaler, a.grad_clip, a.dtype == "fp16")
         meter.add(s, loss, skipped)
         step = s + 1
@@ -489,9 +775,14 @@ def train(a):
             saved = step
         if validating or epoch_end or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
-        stop_if_signalled(ctx, step, saved, checkpoint, log, meter, ("finetune.py", out))  # SIGTERM & co: save this step, exit 3
-    say(f"done: {out / 'ckpt.pt'} (the last weights)" + (f", {out / 'best.pt'} (best validation Dice {best:.4f})" if val_cases else "")
-        + f"; next: python evaluate.py --run {shlex.quote(str(out))}")
+        stop_if_signalled(
+            ctx, step, saved, checkpoint, log, meter, ("finetune.py", out)
+        )  # SIGTERM & co: save this step, exit 3
+    say(
+        f"done: {out / 'ckpt.pt'} (the last weights)"
+        + (f", {out / 'best.pt'} (best validation Dice {best:.4f})" if val_cases else "")
+        + f"; next: python evaluate.py --run {shlex.quote(str(out))}"
+    )
     return model
 
 

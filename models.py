@@ -33,6 +33,7 @@ SwinUNETR and ResEnc-L). The SwinUNETR SSL model needs at least two bottleneck t
 (a patch of 64 along some axis) because its rotation and contrastive heads read
 tokens 0 and 1.
 """
+
 import math
 import os
 
@@ -53,6 +54,7 @@ def run(module, *args, enabled=False):
 
 # -----------------------------------------------------------------------------
 # U-Net (AMAES / Yucca) and the decoder every convolutional network shares
+
 
 class ConvBlock(nn.Module):
     """Conv3d k3 (bias) -> InstanceNorm -> LeakyReLU(0.01)."""
@@ -75,7 +77,8 @@ class UNetEncoder(nn.Module):
         self.channels = [width * m for m in (1, 2, 4, 8, 16)]
         cins = [in_channels] + self.channels[:-1]
         self.stages = nn.ModuleList(
-            nn.Sequential(ConvBlock(ci, co), ConvBlock(co, co)) for ci, co in zip(cins, self.channels))
+            nn.Sequential(ConvBlock(ci, co), ConvBlock(co, co)) for ci, co in zip(cins, self.channels)
+        )
         self.pool = nn.MaxPool3d(2)
         self.checkpointing = False
 
@@ -132,6 +135,7 @@ class UNetDecoder(nn.Module):
 # -----------------------------------------------------------------------------
 # MedNeXt v1 (Roy et al. 2023), kernel 3, no UpKern, no GRN
 
+
 class MedNeXtBlock(nn.Module):
     """Depthwise conv -> GroupNorm(C groups) -> 1x1 expand r*C -> GELU -> 1x1 to cout.
     mode "down"/"up" makes the depthwise conv strided/transposed and adds a strided
@@ -173,7 +177,7 @@ class MedNeXtEncoder(nn.Module):
     def __init__(self, in_channels, exp_r, blocks, width=32):
         super().__init__()
         exp_r, blocks = _as_list(exp_r), _as_list(blocks)
-        self.channels = [width * 2 ** i for i in range(5)]
+        self.channels = [width * 2**i for i in range(5)]
         self.stem = nn.Conv3d(in_channels, width, 1)
         self.stages = nn.ModuleList()  # stage i: (down block from i-1 unless i == 0) + blocks
         for i, c in enumerate(self.channels):
@@ -199,7 +203,7 @@ class MedNeXtDecoder(nn.Module):
         self.stages = nn.ModuleList()
         self.ups = nn.ModuleList()
         for j, level in enumerate((3, 2, 1, 0)):  # dec3..dec0 use exp_r[5..8]
-            c = width * 2 ** level
+            c = width * 2**level
             self.ups.append(MedNeXtBlock(2 * c, c, exp_r[5 + j], "up"))
             self.stages.append(nn.Sequential(*[MedNeXtBlock(c, c, exp_r[5 + j]) for _ in range(blocks[5 + j])]))
         self.out = nn.ConvTranspose3d(width, out_channels, 1)
@@ -214,6 +218,7 @@ class MedNeXtDecoder(nn.Module):
 
 # -----------------------------------------------------------------------------
 # ResEnc-L (Wald et al. 2024; nnU-Net's ResidualEncoderUNet)
+
 
 class ResBlock(nn.Module):
     """nnU-Net BasicBlockD: conv-norm-act, conv-norm, + skip (avg-pool when strided,
@@ -260,6 +265,7 @@ class ResEncoder(nn.Module):
 # SwinUNETR v1 (Hatamizadeh et al. 2022) and its SSL model (Tang et al. 2022).
 # Submodule names follow the widely used public implementation so that its weights
 # load through `swinunetr_key_map`.
+
 
 def window_partition(x, ws):  # (B, D, H, W, C) -> (B * n_windows, ws0*ws1*ws2, C)
     b, d, h, w, c = x.shape
@@ -392,7 +398,9 @@ class SwinLayer(nn.Module):
     def __init__(self, dim, depth, heads, window=7, legacy_merge=False):
         super().__init__()
         self.window = window
-        self.blocks = nn.ModuleList(SwinBlock(dim, heads, window, 0 if i % 2 == 0 else window // 2) for i in range(depth))
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, heads, window, 0 if i % 2 == 0 else window // 2) for i in range(depth)
+        )
         self.downsample = PatchMerging(dim, legacy_merge)
 
     def forward(self, x):  # (B, C, D, H, W) -> (B, 2C, D/2, H/2, W/2)
@@ -411,13 +419,16 @@ class SwinViT(nn.Module):
     itself (the decoder's first residual block reads it) and the five hidden states,
     each layer-normed over channels without affine parameters."""
 
-    def __init__(self, in_channels, feature_size=48, depths=(2, 2, 2, 2), heads=(3, 6, 12, 24), window=7, legacy_merge=False):
+    def __init__(
+        self, in_channels, feature_size=48, depths=(2, 2, 2, 2), heads=(3, 6, 12, 24), window=7, legacy_merge=False
+    ):
         super().__init__()
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv3d(in_channels, feature_size, 2, stride=2)
         self.layers = nn.ModuleList(
-            SwinLayer(feature_size * 2 ** i, depths[i], heads[i], window, legacy_merge) for i in range(len(depths)))
-        self.channels = [in_channels] + [feature_size * 2 ** i for i in range(len(depths) + 1)]
+            SwinLayer(feature_size * 2**i, depths[i], heads[i], window, legacy_merge) for i in range(len(depths))
+        )
+        self.channels = [in_channels] + [feature_size * 2**i for i in range(len(depths) + 1)]
         self.checkpointing = False
 
     @staticmethod
@@ -485,8 +496,13 @@ class SwinUNETRDecoder(nn.Module):
         enc0, enc1 = run(self.encoder1, x, enabled=ck), run(self.encoder2, h0, enabled=ck)
         enc2, enc3 = run(self.encoder3, h1, enabled=ck), run(self.encoder4, h2, enabled=ck)
         y = run(self.encoder10, h4, enabled=ck)
-        for block, skip in ((self.decoder5, h3), (self.decoder4, enc3), (self.decoder3, enc2),
-                            (self.decoder2, enc1), (self.decoder1, enc0)):
+        for block, skip in (
+            (self.decoder5, h3),
+            (self.decoder4, enc3),
+            (self.decoder3, enc2),
+            (self.decoder2, enc1),
+            (self.decoder1, enc0),
+        ):
             y = run(block, y, skip, enabled=ck)
         return self.out(y)
 
@@ -503,15 +519,21 @@ class SwinSSLHeads(nn.Module):
         chans = [dim, dim // 2, dim // 4, dim // 8, dim // 16, dim // 16]
         layers = []
         for ci, co in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv3d(ci, co, 3, padding=1), nn.InstanceNorm3d(co), nn.LeakyReLU(),
-                       nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)]
+            layers += [
+                nn.Conv3d(ci, co, 3, padding=1),
+                nn.InstanceNorm3d(co),
+                nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+            ]
         self.conv = nn.Sequential(*layers, nn.Conv3d(chans[-1], in_channels, 1))
 
     def forward(self, feats):
         x = feats[-1]  # (B, 768, D/32, H/32, W/32)
         if x[0, 0].numel() < 2:
-            raise ValueError(f"SwinUNETR SSL needs >= 2 bottleneck tokens; input side(s) {[32 * s for s in x.shape[2:]]} "
-                             "give 1. Use a patch of at least 64 along one axis.")
+            raise ValueError(
+                f"SwinUNETR SSL needs >= 2 bottleneck tokens; input side(s) {[32 * s for s in x.shape[2:]]} "
+                "give 1. Use a patch of at least 64 along one axis."
+            )
         tokens = x.flatten(2).transpose(1, 2)  # (B, n_tokens, 768)
         return self.rotation_head(tokens[:, 0]), self.contrastive_head(tokens[:, 1]), self.conv(x)
 
@@ -521,9 +543,9 @@ def swinunetr_key_map(key):
     or None for keys with no counterpart (unused *_pre identities hold none).
     swinViT.layers{i}.0.X -> encoder.layers.{i-1}.X; Convolution wrappers' `.conv.`
     and UnetrBasicBlock's `.layer.` are dropped; everything else goes under decoder."""
-    k = key[len("module."):] if key.startswith("module.") else key
+    k = key[len("module.") :] if key.startswith("module.") else key
     if k.startswith("swinViT."):
-        k = k[len("swinViT."):]
+        k = k[len("swinViT.") :]
         if k.startswith("layers") and k[6].isdigit():
             k = f"layers.{int(k[6]) - 1}." + k.split(".", 2)[2]
         return "encoder." + k
@@ -533,6 +555,7 @@ def swinunetr_key_map(key):
 
 # -----------------------------------------------------------------------------
 # Released pretrained weights: one small key map per format, onto this file's names
+
 
 def amaes_key_map(key):
     """AMAES (Munk et al., github.com/asbjrnmunk/amaes src/models/networks, Zenodo
@@ -593,7 +616,7 @@ def tang_key_map(key):
     """MONAI SwinUNETR-SSL (Tang et al. 2022) model_swinvit.pt: the Swin encoder under
     "module." with the MLP as mlp.fc1 / fc2 (MONAI's load_from reads those since its
     PR 4311); its extra final LayerNorm module.norm.* has no counterpart (None)."""
-    k = key[len("module."):] if key.startswith("module.") else key
+    k = key[len("module.") :] if key.startswith("module.") else key
     if k.startswith("norm."):
         return None
     return swinunetr_key_map("swinViT." + k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2."))
@@ -613,11 +636,16 @@ def _arch_of(state):
     if "encoder.stages.0.0.conv.weight" in state:
         return {32: "unet_b", 64: "unet_xl"}.get(state["encoder.stages.0.0.conv.weight"].shape[0])
     if "encoder.stem.weight" in state:  # MedNeXt: blocks and expansion ratios of enc0-3 and the bottleneck
-        blocks = [len({k.split(".")[3] for k in state if k.startswith(f"encoder.stages.{i}.") and k.endswith("conv3.weight")})
-                  - (i > 0) for i in range(5)]
-        exp = [state[f"encoder.stages.{i}.{int(i > 0)}.conv2.weight"].shape[0] // 32 // 2 ** i for i in range(5)]
+        blocks = [
+            len({k.split(".")[3] for k in state if k.startswith(f"encoder.stages.{i}.") and k.endswith("conv3.weight")})
+            - (i > 0)
+            for i in range(5)
+        ]
+        exp = [state[f"encoder.stages.{i}.{int(i > 0)}.conv2.weight"].shape[0] // 32 // 2**i for i in range(5)]
         for name, v in ARCHS.items():
-            if v["family"] == "mednext" and [(_as_list(v["blocks"])[i], _as_list(v["exp_r"])[i]) for i in range(5)] == list(zip(blocks, exp)):
+            if v["family"] == "mednext" and [
+                (_as_list(v["blocks"])[i], _as_list(v["exp_r"])[i]) for i in range(5)
+            ] == list(zip(blocks, exp)):
                 return name
         return None
     if "encoder.stem.conv.weight" in state:
@@ -650,11 +678,15 @@ def read_pretrained(ckpt):
                 # saved from DistributedDataParallel ("module.") or from one process (no prefix)
                 if any(k.startswith(("module.swinViT.", "swinViT.")) for k in keys):
                     fmt, key_map, legacy = "brainsegfounder", swinunetr_key_map, True
-                elif any(k.startswith(("module.layers1.", "module.patch_embed.", "layers1.", "patch_embed.")) for k in keys):
+                elif any(
+                    k.startswith(("module.layers1.", "module.patch_embed.", "layers1.", "patch_embed.")) for k in keys
+                ):
                     fmt, key_map, legacy = "tang", tang_key_map, True
                 elif any(k.startswith(("model.encoder.", "encoder.")) for k in strip):
                     fmt, key_map = "amaes", amaes_key_map
-                    raw = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in zip(strip, raw.values())}
+                    raw = {
+                        (k[len("model.") :] if k.startswith("model.") else k): v for k, v in zip(strip, raw.values())
+                    }
             state = raw
     if fmt is None:
         raise ValueError("matches no layout this kit reads; accepted: " + "; ".join(FORMATS.values()))
@@ -671,14 +703,25 @@ def read_pretrained(ckpt):
     arch = ckpt.get("arch") if fmt == "kit" else _arch_of(own)
     if arch is None or not any(k.startswith("encoder.") for k in own):
         raise ValueError(f"looks like {FORMATS[fmt]} but holds no encoder this kit knows")
-    stem = {"unet": "encoder.stages.0.0.conv.weight", "mednext": "encoder.stem.weight", "resenc": "encoder.stem.conv.weight",
-            "swin": "encoder.patch_embed.proj.weight"}[ARCHS[arch]["family"]]
-    return {"format": fmt, "arch": arch, "in_channels": int(own[stem].shape[1]), "model": own, "unused": unused,
-            "legacy_merge": bool(legacy or ckpt.get("legacy_merge", False))}
+    stem = {
+        "unet": "encoder.stages.0.0.conv.weight",
+        "mednext": "encoder.stem.weight",
+        "resenc": "encoder.stem.conv.weight",
+        "swin": "encoder.patch_embed.proj.weight",
+    }[ARCHS[arch]["family"]]
+    return {
+        "format": fmt,
+        "arch": arch,
+        "in_channels": int(own[stem].shape[1]),
+        "model": own,
+        "unused": unused,
+        "legacy_merge": bool(legacy or ckpt.get("legacy_merge", False)),
+    }
 
 
 # -----------------------------------------------------------------------------
 # One model class, the variants, and the transfer
+
 
 class EncoderDecoder(nn.Module):
     def __init__(self, arch, mode, encoder, decoder, divisor, in_channels, out_channels):
@@ -692,8 +735,10 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"{self.arch}: input sides {list(x.shape[2:])} must be divisible by {self.divisor}")
         if self.training and math.prod(s // self.divisor for s in x.shape[2:]) < 2:
             # InstanceNorm cannot normalise a single bottleneck voxel while training
-            raise ValueError(f"{self.arch}: input {list(x.shape[2:])} leaves one bottleneck voxel; "
-                             f"use a side of at least {2 * self.divisor} for training")
+            raise ValueError(
+                f"{self.arch}: input {list(x.shape[2:])} leaves one bottleneck voxel; "
+                f"use a side of at least {2 * self.divisor} for training"
+            )
         return self.decoder(self.encoder(x))
 
     def set_checkpointing(self, on=True):
@@ -723,7 +768,9 @@ def patch_rule(arch):
     return divisor, 2 * divisor
 
 
-def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None, checkpointing=False, legacy_merge=False):
+def build_model(
+    arch, in_channels=1, out_channels=None, mode="seg", decoder=None, checkpointing=False, legacy_merge=False
+):
     """Build `arch` (a key of ARCHS) as a segmentation ("seg", out_channels classes) or
     pretraining ("pretrain", out_channels defaults to in_channels) network.
     decoder: MedNeXt only, "unet" (default, the AMAES form) or "native".
@@ -757,7 +804,11 @@ def build_model(arch, in_channels=1, out_channels=None, mode="seg", decoder=None
         dec = UNetDecoder(enc.channels, out_channels, n_convs=1, aux_heads=True)
     else:
         enc = SwinViT(in_channels, v["feature_size"], legacy_merge=legacy_merge)
-        dec = SwinSSLHeads(in_channels) if mode == "pretrain" else SwinUNETRDecoder(in_channels, out_channels, v["feature_size"])
+        dec = (
+            SwinSSLHeads(in_channels)
+            if mode == "pretrain"
+            else SwinUNETRDecoder(in_channels, out_channels, v["feature_size"])
+        )
     # PyTorch's default initialisation throughout (kaiming_uniform with a = sqrt(5),
     # uniform biases), as the AMAES networks (Yucca, weightInitializer None) and nnssl's
     # ResEnc-L MAE path use: no He-normal re-initialisation.
@@ -804,23 +855,32 @@ def load_encoder(model, ckpt, adapt_stem=False):
         raise ValueError(f"expected an encoder checkpoint dict, got {type(ckpt).__name__}")
     if {"format", "model", "unused"} <= set(ckpt):  # already read_pretrained's output
         pre = ckpt
-    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()) and not any(
-            k.split(".")[0] in ("encoder", "model", "module") for k in ckpt):  # a bare encoder state dict
+    elif (
+        ckpt
+        and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        and not any(k.split(".")[0] in ("encoder", "model", "module") for k in ckpt)
+    ):  # a bare encoder state dict
         pre = {"format": "kit", "arch": None, "model": {"encoder." + k: v for k, v in ckpt.items()}, "unused": []}
     else:
         pre = read_pretrained(ckpt)
     if pre["arch"] is not None and pre["arch"] != getattr(model, "arch", pre["arch"]):
-        raise ValueError(f"encoder was pretrained as {pre['arch']!r} but the model is {model.arch!r}; "
-                         f"use --arch {pre['arch']} or another encoder")
-    state = {k[len("encoder."):]: v for k, v in pre["model"].items() if k.startswith("encoder.")}
+        raise ValueError(
+            f"encoder was pretrained as {pre['arch']!r} but the model is {model.arch!r}; "
+            f"use --arch {pre['arch']} or another encoder"
+        )
+    state = {k[len("encoder.") :]: v for k, v in pre["model"].items() if k.startswith("encoder.")}
     own = model.encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
+
         def short(keys):
             return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-        raise ValueError(f"encoder weights do not fit {getattr(model, 'arch', 'this model')}: "
-                         f"missing [{short(missing)}]; unexpected [{short(unexpected)}]")
+
+        raise ValueError(
+            f"encoder weights do not fit {getattr(model, 'arch', 'this model')}: "
+            f"missing [{short(missing)}]; unexpected [{short(unexpected)}]"
+        )
     new, adapted, fresh = {}, [], []
     for k, t in state.items():
         if t.shape != own[k].shape:
@@ -840,8 +900,13 @@ def load_encoder(model, ckpt, adapt_stem=False):
                 del new[bias]
                 fresh.append(bias)
     model.encoder.load_state_dict(new, strict=not fresh)
-    return {"loaded": sorted(set(new) - set(adapted)), "adapted": adapted, "fresh": fresh,
-            "unused": pre["unused"] + sorted(k for k in pre["model"] if not k.startswith("encoder.")), "format": pre["format"]}
+    return {
+        "loaded": sorted(set(new) - set(adapted)),
+        "adapted": adapted,
+        "fresh": fresh,
+        "unused": pre["unused"] + sorted(k for k in pre["model"] if not k.startswith("encoder.")),
+        "format": pre["format"],
+    }
 
 
 def convert(src, dst, arch=None):
@@ -850,8 +915,13 @@ def convert(src, dst, arch=None):
     pre = read_pretrained(torch.load(src, map_location="cpu", weights_only=True))
     if arch is not None and arch != pre["arch"]:
         raise ValueError(f"{src} holds {pre['arch']} weights, not {arch}")
-    out = {"arch": pre["arch"], "in_channels": pre["in_channels"], "format": pre["format"], "legacy_merge": pre["legacy_merge"],
-           "encoder": {k[len("encoder."):]: v for k, v in pre["model"].items() if k.startswith("encoder.")}}
+    out = {
+        "arch": pre["arch"],
+        "in_channels": pre["in_channels"],
+        "format": pre["format"],
+        "legacy_merge": pre["legacy_merge"],
+        "encoder": {k[len("encoder.") :]: v for k, v in pre["model"].items() if k.startswith("encoder.")},
+    }
     torch.save(out, str(dst) + ".tmp")
     os.replace(str(dst) + ".tmp", dst)
     return out
@@ -864,8 +934,12 @@ if __name__ == "__main__":
     class Parser(argparse.ArgumentParser):  # errors as one line, as the kit's other scripts
         def error(self, message):
             self.exit(2, f"models.py: error: {message} (see python models.py --help)\n")
-    p = Parser(prog="models.py", description="models.py convert SRC DST: a released pretrained checkpoint "
-               "(" + "; ".join(FORMATS.values()) + ") -> this kit's encoder.pt")
+
+    p = Parser(
+        prog="models.py",
+        description="models.py convert SRC DST: a released pretrained checkpoint "
+        "(" + "; ".join(FORMATS.values()) + ") -> this kit's encoder.pt",
+    )
     p.add_argument("command", choices=["convert"])
     p.add_argument("src")
     p.add_argument("dst")
@@ -875,16 +949,24 @@ if __name__ == "__main__":
     if not os.path.isfile(a.src):
         p.exit(2, f"models.py: error: {a.src}: no such file\n")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        p.exit(2, f"models.py: error: {a.dst}: the folder {folder} " + ("is not writable\n" if os.path.isdir(folder) else
-                                                                         "does not exist; make it first\n"))
+        p.exit(
+            2,
+            f"models.py: error: {a.dst}: the folder {folder} "
+            + ("is not writable\n" if os.path.isdir(folder) else "does not exist; make it first\n"),
+        )
     try:
         out = convert(a.src, a.dst, a.arch)
     except (pickle.UnpicklingError, KeyError, EOFError) as e:  # torch.load of something that is not a checkpoint
-        why = ("holds pickled Python objects, refused unread (only tensors and plain values are loaded)"
-               if any(w in str(e) for w in ("Unsupported global", "GLOBAL ", "Unsupported class")) else f"not a torch checkpoint, or a truncated one "
-               f"({type(e).__name__}); give a released weights file (.pt / .pth / .ckpt)")
+        why = (
+            "holds pickled Python objects, refused unread (only tensors and plain values are loaded)"
+            if any(w in str(e) for w in ("Unsupported global", "GLOBAL ", "Unsupported class"))
+            else f"not a torch checkpoint, or a truncated one "
+            f"({type(e).__name__}); give a released weights file (.pt / .pth / .ckpt)"
+        )
         p.exit(2, f"models.py: error: {a.src}: {why}\n")
     except (OSError, RuntimeError, ValueError) as e:
         p.exit(2, f"models.py: error: {a.src}: {str(e).splitlines()[0][:300]}\n")
-    print(f"{a.dst}: {out['arch']} encoder ({len(out['encoder'])} tensors, {out['in_channels']} input channel(s)) "
-          f"from {FORMATS[out['format']]}" + (", MONAI's legacy PatchMerging order" if out["legacy_merge"] else ""))
+    print(
+        f"{a.dst}: {out['arch']} encoder ({len(out['encoder'])} tensors, {out['in_channels']} input channel(s)) "
+        f"from {FORMATS[out['format']]}" + (", MONAI's legacy PatchMerging order" if out["legacy_merge"] else "")
+    )

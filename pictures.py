@@ -13,6 +13,7 @@ shown rotated a quarter turn (np.rot90) so that superior / anterior is up and th
 patient's right is on the right, i.e. voxel (a, b) of a slice lands on pixel row
 n_b - 1 - b, column a (times the zoom). Images are uint8 (H, W, 3).
 """
+
 import html
 import json
 import math
@@ -29,6 +30,7 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]  # curves, in 
 
 # -----------------------------------------------------------------------------
 # Files: PNG bytes, atomic writes
+
 
 def write_atomic(path, data):
     """Bytes or text to `path` through a temporary file and a rename: a reader (a
@@ -58,8 +60,13 @@ def png(img, level=6):
 
     def chunk(tag, body):
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, kind, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, kind, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+        + chunk(b"IEND", b"")
+    )
 
 
 def save_png(path, img):
@@ -68,6 +75,7 @@ def save_png(path, img):
 
 # -----------------------------------------------------------------------------
 # Slices, grey levels, outlines
+
 
 def window(vol, lo=None, hi=None):
     """The grey levels of a volume: [lo, hi] (default: its minimum and 99.5th
@@ -110,9 +118,11 @@ def ortho(vol, centre=None, stretch=(1, 1, 1)):
     repeated so many times (thick slices of a raw image keep the head's proportions)."""
     c = centre_of(vol.shape) if centre is None else centre
     k = stretch
-    return [view(vol[c[0], :, :].repeat(k[1], 0).repeat(k[2], 1)),
-            view(vol[:, c[1], :].repeat(k[0], 0).repeat(k[2], 1)),
-            view(vol[:, :, c[2]].repeat(k[0], 0).repeat(k[1], 1))]
+    return [
+        view(vol[c[0], :, :].repeat(k[1], 0).repeat(k[2], 1)),
+        view(vol[:, c[1], :].repeat(k[0], 0).repeat(k[2], 1)),
+        view(vol[:, :, c[2]].repeat(k[0], 0).repeat(k[1], 1)),
+    ]
 
 
 def boundary(mask):
@@ -149,21 +159,58 @@ def auto_zoom(shape, target=128):
 # Text (a 5x7 bitmap font: enough for names and numbers) and grids of panels
 
 FONT = {  # each glyph: 7 rows of 5 bits, as 14 hex digits; lowercase is drawn as uppercase
-    "A": "0E11111F111111", "B": "1E11111E11111E", "C": "0E11101010110E", "D": "1C12111111121C",
-    "E": "1F10101E10101F", "F": "1F10101E101010", "G": "0E11101711110F", "H": "1111111F111111",
-    "I": "0E04040404040E", "J": "0702020202120C", "K": "11121418141211", "L": "1010101010101F",
-    "M": "111B1515111111", "N": "11111915131111", "O": "0E11111111110E", "P": "1E11111E101010",
-    "Q": "0E11111115120D", "R": "1E11111E141211", "S": "0F10100E01011E", "T": "1F040404040404",
-    "U": "1111111111110E", "V": "11111111110A04", "W": "1111111515150A", "X": "11110A040A1111",
-    "Y": "11110A04040404", "Z": "1F01020408101F", "0": "0E11131519110E", "1": "040C040404040E",
-    "2": "0E11010204081F", "3": "1F02040201110E", "4": "02060A121F0202", "5": "1F101E0101110E",
-    "6": "0608101E11110E", "7": "1F010204080808", "8": "0E11110E11110E", "9": "0E11110F01020C",
-    " ": "00000000000000", "_": "0000000000001F", "-": "0000001F000000", ".": "00000000000C0C",
-    ":": "000C0C000C0C00", "/": "01010204081010", "(": "02040808080402", ")": "08040202020408",
-    "%": "18190204081303", "+": "0004041F040400", "=": "00001F001F0000", ",": "000000000C0408",
-    "^": "040A1100000000", "?": "0E110102040004",
+    "A": "0E11111F111111",
+    "B": "1E11111E11111E",
+    "C": "0E11101010110E",
+    "D": "1C12111111121C",
+    "E": "1F10101E10101F",
+    "F": "1F10101E101010",
+    "G": "0E11101711110F",
+    "H": "1111111F111111",
+    "I": "0E04040404040E",
+    "J": "0702020202120C",
+    "K": "11121418141211",
+    "L": "1010101010101F",
+    "M": "111B1515111111",
+    "N": "11111915131111",
+    "O": "0E11111111110E",
+    "P": "1E11111E101010",
+    "Q": "0E11111115120D",
+    "R": "1E11111E141211",
+    "S": "0F10100E01011E",
+    "T": "1F040404040404",
+    "U": "1111111111110E",
+    "V": "11111111110A04",
+    "W": "1111111515150A",
+    "X": "11110A040A1111",
+    "Y": "11110A04040404",
+    "Z": "1F01020408101F",
+    "0": "0E11131519110E",
+    "1": "040C040404040E",
+    "2": "0E11010204081F",
+    "3": "1F02040201110E",
+    "4": "02060A121F0202",
+    "5": "1F101E0101110E",
+    "6": "0608101E11110E",
+    "7": "1F010204080808",
+    "8": "0E11110E11110E",
+    "9": "0E11110F01020C",
+    " ": "00000000000000",
+    "_": "0000000000001F",
+    "-": "0000001F000000",
+    ".": "00000000000C0C",
+    ":": "000C0C000C0C00",
+    "/": "01010204081010",
+    "(": "02040808080402",
+    ")": "08040202020408",
+    "%": "18190204081303",
+    "+": "0004041F040400",
+    "=": "00001F001F0000",
+    ",": "000000000C0408",
+    "^": "040A1100000000",
+    "?": "0E110102040004",
 }
-FONT = {c: [int(g[i:i + 2], 16) for i in range(0, 14, 2)] for c, g in FONT.items()}
+FONT = {c: [int(g[i : i + 2], 16) for i in range(0, 14, 2)] for c, g in FONT.items()}
 CHAR_W, CHAR_H = 6, 9  # 5x7 glyphs with a column and two rows of space
 
 
@@ -198,13 +245,14 @@ def grid(rows, row_names=None, col_names=None, gap=2):
         origins.append([])
         for c, p in enumerate(panels):
             x = gap + c * (w + gap)
-            img[y + line:y + line + p.shape[0], x:x + p.shape[1]] = p
+            img[y + line : y + line + p.shape[0], x : x + p.shape[1]] = p
             origins[-1].append((y + line, x))
     return img, origins
 
 
 # -----------------------------------------------------------------------------
 # The pictures the stages write
+
 
 def volumes_picture(vols, names, centre=None, lo=None, hi=None):
     """Pretraining's picture: columns = volumes (X, Y, Z) (one grey window for all,
@@ -237,22 +285,27 @@ def curves_png(series, width=480, height=160, title=""):
     the common range (nnU-Net's progress.png, without matplotlib). (H, W, 3) uint8."""
     img = np.full((height, width, 3), 255, np.uint8)
     pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-    l, r, t, b = 8 + 7 * CHAR_W, width - 8, 4 + CHAR_H * (1 + (len(series) > 1) * len(series)), height - 4 - CHAR_H
-    img[t:b + 1, l], img[b, l:r + 1] = 0, 0
-    text(img, title, 2, l, (0, 0, 0))
+    left, r, t, b = 8 + 7 * CHAR_W, width - 8, 4 + CHAR_H * (1 + (len(series) > 1) * len(series)), height - 4 - CHAR_H
+    img[t : b + 1, left], img[b, left : r + 1] = 0, 0
+    text(img, title, 2, left, (0, 0, 0))
     if not pts:
         return img
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
     text(img, f"{y1:.3g}", t, 2, (0, 0, 0)), text(img, f"{y0:.3g}", b - 7, 2, (0, 0, 0))
-    text(img, f"{x0:g}", b + 3, l, (0, 0, 0)), text(img, f"{x1:g}", b + 3, r - CHAR_W * len(f"{x1:g}"), (0, 0, 0))
+    text(img, f"{x0:g}", b + 3, left, (0, 0, 0)), text(img, f"{x1:g}", b + 3, r - CHAR_W * len(f"{x1:g}"), (0, 0, 0))
     for i, (name, (xs, ys)) in enumerate(series.items()):
-        colour = tuple(int(COLOURS[i % len(COLOURS)][j:j + 2], 16) for j in (1, 3, 5))
+        colour = tuple(int(COLOURS[i % len(COLOURS)][j : j + 2], 16) for j in (1, 3, 5))
         if len(series) > 1:  # a legend; one curve is named by the title
-            text(img, name, 2 + CHAR_H * (i + 1), l + 4, colour)
-        p = np.array([(b - (y - y0) / (y1 - y0) * (b - t), l + (x - x0) / (x1 - x0) * (r - l))
-                      for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]).reshape(-1, 2)  # (N, 2) row, col
+            text(img, name, 2 + CHAR_H * (i + 1), left + 4, colour)
+        p = np.array(
+            [
+                (b - (y - y0) / (y1 - y0) * (b - t), left + (x - x0) / (x1 - x0) * (r - left))
+                for x, y in zip(xs, ys)
+                if y is not None and math.isfinite(y)
+            ]
+        ).reshape(-1, 2)  # (N, 2) row, col
         if len(p) == 0:
             continue
         p = np.concatenate([p, p[-1:]])  # a single point is a segment of length 0
@@ -298,41 +351,56 @@ def progress_png(log_path, png_path):
 # -----------------------------------------------------------------------------
 # The HTML page: inline SVG curves, tables, images by relative path
 
+
 def svg_curves(series, width=480, height=200, title=""):
     """Inline SVG of series {name: (xs, ys)}, one curve each, scaled to the common range."""
     pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
     if not pts:
         return ""
-    l, r, t, b = 50, width - 10, 20, height - 20
+    left, r, t, b = 50, width - 10, 20, height - 20
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
-           f'<text x="{l}" y="12">{html.escape(title)}</text>',
-           f'<path d="M{l},{t} L{l},{b} L{r},{b}" fill="none" stroke="black"/>',
-           f'<text x="2" y="{t + 4}">{y1:.3g}</text><text x="2" y="{b}">{y0:.3g}</text>',
-           f'<text x="{l}" y="{height - 4}">{x0:g}</text><text x="{r - 40}" y="{height - 4}">{x1:g}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
+        f'<text x="{left}" y="12">{html.escape(title)}</text>',
+        f'<path d="M{left},{t} L{left},{b} L{r},{b}" fill="none" stroke="black"/>',
+        f'<text x="2" y="{t + 4}">{y1:.3g}</text><text x="2" y="{b}">{y0:.3g}</text>',
+        f'<text x="{left}" y="{height - 4}">{x0:g}</text><text x="{r - 40}" y="{height - 4}">{x1:g}</text>',
+    ]
     for i, (name, (xs, ys)) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
-        p = " ".join(f"{l + (x - x0) / (x1 - x0) * (r - l):.1f},{b - (y - y0) / (y1 - y0) * (b - t):.1f}"
-                     for x, y in zip(xs, ys) if y is not None and math.isfinite(y))
+        p = " ".join(
+            f"{left + (x - x0) / (x1 - x0) * (r - left):.1f},{b - (y - y0) / (y1 - y0) * (b - t):.1f}"
+            for x, y in zip(xs, ys)
+            if y is not None and math.isfinite(y)
+        )
         out.append(f'<polyline points="{p}" fill="none" stroke="{colour}"/>')
         if len(series) > 1:
-            out.append(f'<text x="{l + 100 + 90 * i}" y="12" fill="{colour}">{html.escape(name)}</text>')
+            out.append(f'<text x="{left + 100 + 90 * i}" y="12" fill="{colour}">{html.escape(name)}</text>')
     return "\n".join(out + ["</svg>"])
 
 
 def table(header, rows):
     """An HTML table; cells are escaped, floats given 4 decimals."""
+
     def cell(v):
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-    return ("<table>\n<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>\n"
-            + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>\n" for r in rows) + "</table>")
+
+    return (
+        "<table>\n<tr>"
+        + "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        + "</tr>\n"
+        + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>\n" for r in rows)
+        + "</table>"
+    )
 
 
 def page(title, body):
     """One static page: no script, no external file; images are referenced by relative path."""
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n<style>"
-            "body{font-family:sans-serif;margin:1em 2em} table{border-collapse:collapse;font-size:13px}"
-            "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img{image-rendering:pixelated}"
-            f"</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n<style>'
+        "body{font-family:sans-serif;margin:1em 2em} table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img{image-rendering:pixelated}"
+        f"</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )

@@ -35,6 +35,7 @@ last and marks the case done, so a rerun skips done cases, redoes anything a kil
 run left half-written and retries failures. Input files are only read.
 Exit status: 0 when every input was used, 1 when any case failed, 2 for bad flags.
 """
+
 import argparse
 import concurrent.futures as cf
 import functools
@@ -53,7 +54,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 MIN_SIDE = 15  # volumes with a shorter side are rejected (BRAINS-45K recipe)
-RECIPE = 2  # bumped when the recipe's output changes (2: Yucca's crop end, the planned transpose): older cases are redone
+RECIPE = (
+    2  # bumped when the recipe's output changes (2: Yucca's crop end, the planned transpose): older cases are redone
+)
 
 
 class CaseError(Exception):
@@ -87,6 +90,7 @@ def unwritable(path):
 
 # -----------------------------------------------------------------------------
 # Atomic writes (every file the kit writes goes through write_atomic) and JSON
+
 
 def write_atomic(path, write, keep=None):
     """write(tmp) to a temporary file next to `path`, fsync it, rename it over `path`,
@@ -137,11 +141,13 @@ def save_npy(path, arr):
     def write(p):
         with open(p, "wb") as f:
             np.save(f, arr)
+
     write_atomic(path, write)
 
 
 # -----------------------------------------------------------------------------
 # Reading and checking one NIfTI
+
 
 def read_nifti(path, volume=None, opened=None):
     """(data float32 array, affine) of a NIfTI file, fully read so that truncation shows.
@@ -157,8 +163,10 @@ def read_nifti(path, volume=None, opened=None):
         img = opened[str(path)] if opened is not None else img
         data = np.asanyarray(img.dataobj if volume is None else img.dataobj[..., volume], dtype=np.float32)
     except Exception as e:  # nibabel, gzip, zlib and EOF errors all mean the same to a user
-        raise CaseError(f"cannot read as NIfTI ({type(e).__name__}: {str(e)[:120]}); "
-                        "the file is corrupt, truncated or not NIfTI: re-export or re-download it")
+        raise CaseError(
+            f"cannot read as NIfTI ({type(e).__name__}: {str(e)[:120]}); "
+            "the file is corrupt, truncated or not NIfTI: re-export or re-download it"
+        )
     return data, img.affine
 
 
@@ -180,6 +188,7 @@ def same_grid(a_shape, a_aff, b_shape, b_aff, tol=1e-3):
 # -----------------------------------------------------------------------------
 # Resizing: skimage.transform.resize's values, axis by axis
 
+
 def _taps(n_in, n_out, order):
     """Source indices and weights of a resize along one axis, for skimage's (and
     scipy.ndimage.zoom's grid_mode) coordinates: output voxel o reads the input at
@@ -196,7 +205,7 @@ def _taps(n_in, n_out, order):
             idx, w = np.stack([i, i + 1]), np.stack([1 - t, t])
         else:
             idx = np.stack([i - 1, i, i + 1, i + 2])
-            w = np.stack([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4, -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3]) / 6
+            w = np.stack([(1 - t) ** 3, 3 * t**3 - 6 * t**2 + 4, -3 * t**3 + 3 * t**2 + 3 * t + 1, t**3]) / 6
     if n_in == 1:
         return np.zeros_like(idx), w
     period = 2 * (n_in - 1)
@@ -234,6 +243,7 @@ def resize(x, shape, order=3):
 # -----------------------------------------------------------------------------
 # The recipe, forward and back
 
+
 def normalise(x):
     """Yucca's volume_wise_znorm: foreground = voxels != the minimum; clip at the
     foreground's 99th percentile, z-score with the foreground's mean and std, then
@@ -249,8 +259,13 @@ def normalise(x):
     hi = min(float(x.max()), clip)
     out = (np.minimum(x, clip) - lo) * np.float32(1 / max(hi - lo, 1e-8))
     std = max(std, 1e-8)
-    return out.astype(np.float32, copy=False), {"clip": clip, "mean": mean, "std": std, "z_min": (lo - mean) / std,
-                                               "z_max": (hi - mean) / std}
+    return out.astype(np.float32, copy=False), {
+        "clip": clip,
+        "mean": mean,
+        "std": std,
+        "z_min": (lo - mean) / std,
+        "z_max": (hi - mean) / std,
+    }
 
 
 def preprocess_arrays(channels, affine, label=None, transpose=None):
@@ -273,8 +288,10 @@ def preprocess_arrays(channels, affine, label=None, transpose=None):
     for d in range(3):  # the bounding box from three 1-D profiles: far cheaper than argwhere on the volume
         hit = np.flatnonzero(above.any(axis=tuple(i for i in range(3) if i != d)))
         if len(hit) == 0:
-            raise CaseError("channel 0 has no voxel above 0, so there is nothing to crop to "
-                            "(the recipe crops to the bounding box of the voxels > 0)")
+            raise CaseError(
+                "channel 0 has no voxel above 0, so there is nothing to crop to "
+                "(the recipe crops to the bounding box of the voxels > 0)"
+            )
         # Yucca's get_bbox_for_foreground ends the box at max + 1 and crop_to_box slices to end + 1:
         # the crop keeps one voxel past the foreground on every axis (where the volume has one)
         box.append([int(hit[0]), min(int(hit[-1]) + 2, above.shape[d])])
@@ -296,9 +313,17 @@ def preprocess_arrays(channels, affine, label=None, transpose=None):
     if label is not None:
         lab = np.transpose(nib.orientations.apply_orientation(label, ornt)[crop], transpose)
         lab = resize(lab, target, order=0).round().astype(np.uint8)
-    meta = {"native_ornt": native_ornt.tolist(), "ras_shape": [int(s) for s in ras[0].shape], "ras_affine": ras_affine.tolist(),
-            "spacing": [float(s) for s in spacing], "crop_box": box, "transpose": transpose, "shape": [len(image), *target],
-            "resampled_spacing": [n * s / t for n, s, t in zip(cropped[0].shape, spacing_t, target)], "intensity": stats}
+    meta = {
+        "native_ornt": native_ornt.tolist(),
+        "ras_shape": [int(s) for s in ras[0].shape],
+        "ras_affine": ras_affine.tolist(),
+        "spacing": [float(s) for s in spacing],
+        "crop_box": box,
+        "transpose": transpose,
+        "shape": [len(image), *target],
+        "resampled_spacing": [n * s / t for n, s, t in zip(cropped[0].shape, spacing_t, target)],
+        "intensity": stats,
+    }
     return np.stack(image), lab, meta
 
 
@@ -344,17 +369,22 @@ def native_argmax(logits, meta, chunk=8, regions=False):
     for start in range(0, size[0], chunk):
         o = slice(start, min(start + chunk, size[0]))
         lo, hi = int(i0[o].min()), int(i1[o].max())
-        planes = torch.nn.functional.interpolate(logits[:, lo:hi + 1].float().transpose(0, 1), size=size[1:], mode="bilinear",
-                                                 align_corners=False)  # (n, K, Y, Z)
+        planes = torch.nn.functional.interpolate(
+            logits[:, lo : hi + 1].float().transpose(0, 1), size=size[1:], mode="bilinear", align_corners=False
+        )  # (n, K, Y, Z)
         w = w1[o].view(-1, 1, 1, 1)
         slab = planes[i0[o] - lo] * (1 - w) + planes[i1[o] - lo] * w  # (chunk, K, Y, Z)
-        out[box[0][0] + start:box[0][0] + o.stop, box[1][0]:box[1][1], box[2][0]:box[2][1]] = \
-            ((slab > 0) * bits).sum(1).to(torch.uint8).cpu().numpy() if regions else slab.argmax(1).to(torch.uint8).cpu().numpy()
+        out[box[0][0] + start : box[0][0] + o.stop, box[1][0] : box[1][1], box[2][0] : box[2][1]] = (
+            ((slab > 0) * bits).sum(1).to(torch.uint8).cpu().numpy()
+            if regions
+            else slab.argmax(1).to(torch.uint8).cpu().numpy()
+        )
     return _from_ras(out, meta)
 
 
 # -----------------------------------------------------------------------------
 # Finding the cases
+
 
 def label_values(dataset_json):
     """Label values allowed by an nnU-Net dataset.json (v2 {name: value} or v1 {value: name})."""
@@ -390,15 +420,20 @@ def label_semantics(ds):
         for v in vals:
             names.setdefault(v, f"label {v}")
     ev = ds.get("evaluation") or {}
-    return {"label_names": {str(v): n for v, n in sorted(names.items())}, "ignore_label": ignore,
-            "evaluation_ignore": ev.get("ignore", ignore),
-            "training_regions": regions or None, "regions_class_order": ds.get("regions_class_order"),
-            "evaluation_regions": ev.get("regions") or regions or {n: [v] for v, n in sorted(names.items()) if v != 0},
-            "metric_rules": ev.get("rules", "default")}
+    return {
+        "label_names": {str(v): n for v, n in sorted(names.items())},
+        "ignore_label": ignore,
+        "evaluation_ignore": ev.get("ignore", ignore),
+        "training_regions": regions or None,
+        "regions_class_order": ds.get("regions_class_order"),
+        "evaluation_regions": ev.get("regions") or regions or {n: [v] for v, n in sorted(names.items()) if v != 0},
+        "metric_rules": ev.get("rules", "default"),
+    }
 
 
 # -----------------------------------------------------------------------------
 # The paper's downstream datasets, read in their download layouts
+
 
 def _one(root, pattern):
     found = sorted(root.glob(pattern))
@@ -410,7 +445,7 @@ def sklearn_test_names(names, random_state, test_size=0.25):
     (test_size 0.25, shuffled), with numpy alone: ShuffleSplit takes ceil(0.25 n) test
     items, the first ones of np.random.RandomState(random_state).permutation(n)."""
     perm = np.random.RandomState(random_state).permutation(len(names))
-    return [names[i] for i in perm[:math.ceil(test_size * len(names))]]
+    return [names[i] for i in perm[: math.ceil(test_size * len(names))]]
 
 
 # The authors' test splits (Yucca's task conversions Task012_BraTS21 and Task005_ISLES22):
@@ -427,11 +462,18 @@ def authors_split(fmt, cases, failed, names):
     for c in cases:
         c["split"] = "test" if c["case"] in test else "train"
     if names and len(names) != expected:  # none at all: run() refuses the input in one line
-        print(f"preprocess.py: warning: {len(names)} {fmt} subject folders, the authors' download has {expected}: the "
-              f"test split is the authors' rule (train_test_split, random_state {seed}) over these, so it holds other "
-              f"cases than theirs", file=sys.stderr)
-    return {"method": "authors", "rule": f"scikit-learn train_test_split(sorted subject folders, test_size=0.25, "
-            f"random_state={seed})", "random_state": seed, "subjects": len(names)}
+        print(
+            f"preprocess.py: warning: {len(names)} {fmt} subject folders, the authors' download has {expected}: the "
+            f"test split is the authors' rule (train_test_split, random_state {seed}) over these, so it holds other "
+            f"cases than theirs",
+            file=sys.stderr,
+        )
+    return {
+        "method": "authors",
+        "rule": f"scikit-learn train_test_split(sorted subject folders, test_size=0.25, random_state={seed})",
+        "random_state": seed,
+        "subjects": len(names),
+    }
 
 
 def find_brats21(root):
@@ -447,15 +489,34 @@ def find_brats21(root):
         files = [_one(d, f"{name}_{m}.nii*") for m in ("flair", "t1", "t1ce", "t2")]
         label = _one(d, f"{name}_seg.nii*")
         if None in files:
-            failed.append({"case": name, "files": [str(f) for f in files if f], "reason": "missing modality: "
-                           + ", ".join(m for m, f in zip(("flair", "t1", "t1ce", "t2"), files) if f is None)})
+            failed.append(
+                {
+                    "case": name,
+                    "files": [str(f) for f in files if f],
+                    "reason": "missing modality: "
+                    + ", ".join(m for m, f in zip(("flair", "t1", "t1ce", "t2"), files) if f is None),
+                }
+            )
             continue
-        cases.append({"case": name, "split": "train", "files": [str(f) for f in files],
-                      "label": str(label) if label else None, "label_map": {4: 3}})
-    meta = {"name": "BraTS2021", "channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"},
-            "labels": {"background": 0, "necrotic tumour core": 1, "peritumoral edema": 2, "enhancing tumour": 3},
-            "evaluation": {"regions": {"whole tumour": [1, 2, 3], "tumour core": [1, 3], "enhancing tumour": [3]}, "rules": "brats"},
-            "test_split": authors_split("brats21", cases, failed, [d.name for d in subjects])}
+        cases.append(
+            {
+                "case": name,
+                "split": "train",
+                "files": [str(f) for f in files],
+                "label": str(label) if label else None,
+                "label_map": {4: 3},
+            }
+        )
+    meta = {
+        "name": "BraTS2021",
+        "channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"},
+        "labels": {"background": 0, "necrotic tumour core": 1, "peritumoral edema": 2, "enhancing tumour": 3},
+        "evaluation": {
+            "regions": {"whole tumour": [1, 2, 3], "tumour core": [1, 3], "enhancing tumour": [3]},
+            "rules": "brats",
+        },
+        "test_split": authors_split("brats21", cases, failed, [d.name for d in subjects]),
+    }
     for c in cases:
         if c["split"] == "train" and not c["label"]:  # a subject without a segmentation cannot be trained on
             failed.append({"case": c["case"], "files": c["files"], "reason": f"no {c['case']}_seg.nii.gz"})
@@ -478,12 +539,24 @@ def find_isles22(root):
         found = {m: _one(root, f"**/{sub}/**/{sub}*_{m}.nii*") for m in ("FLAIR", "dwi", "adc")}
         files = [found["FLAIR"], found["dwi"], found["adc"]]
         if None in files:
-            failed.append({"case": sub, "files": [str(msk)], "reason": "missing modality: " + ", ".join(m for m, f in found.items() if f is None)})
+            failed.append(
+                {
+                    "case": sub,
+                    "files": [str(msk)],
+                    "reason": "missing modality: " + ", ".join(m for m, f in found.items() if f is None),
+                }
+            )
             continue
-        cases.append({"case": sub, "split": "train", "files": [str(f) for f in files], "label": str(msk), "onto_label": True})
-    meta = {"name": "ISLES2022", "channel_names": {"0": "FLAIR", "1": "DWI", "2": "ADC"},
-            "labels": {"background": 0, "infarct": 1}, "evaluation": {"regions": {"infarct": [1]}, "rules": "isles"},
-            "test_split": authors_split("isles22", cases, failed, [m.name.split("_")[0] for m in masks])}
+        cases.append(
+            {"case": sub, "split": "train", "files": [str(f) for f in files], "label": str(msk), "onto_label": True}
+        )
+    meta = {
+        "name": "ISLES2022",
+        "channel_names": {"0": "FLAIR", "1": "DWI", "2": "ADC"},
+        "labels": {"background": 0, "infarct": 1},
+        "evaluation": {"regions": {"infarct": [1]}, "rules": "isles"},
+        "test_split": authors_split("isles22", cases, failed, [m.name.split("_")[0] for m in masks]),
+    }
     return cases, failed, meta
 
 
@@ -504,13 +577,24 @@ def find_wmh(root, with_t1=False, label2_ignore=False):
         files = [_one(d / "pre", f"{m}.nii*") for m in want]
         name = "_".join(p for p in d.relative_to(root).parts)
         if None in files:
-            failed.append({"case": name, "files": [str(lab)], "reason": "missing " + " or ".join(f"pre/{m}.nii.gz" for m in want)})
+            failed.append(
+                {"case": name, "files": [str(lab)], "reason": "missing " + " or ".join(f"pre/{m}.nii.gz" for m in want)}
+            )
             continue
         test = any(p.lower() == "test" for p in d.relative_to(root).parts)
-        cases.append({"case": name, "split": "test" if test else "train", "files": [str(f) for f in files], "label": str(lab)})
-    meta = {"name": "WMH2017", "channel_names": {str(i): m for i, m in enumerate(want)},
-            "test_split": {"method": "challenge", "rule": "the challenge's own Train / Test folders"}}
-    meta["labels"] = {"background": 0, "white matter hyperintensities": 1, ("ignore" if label2_ignore else "other pathology"): 2}
+        cases.append(
+            {"case": name, "split": "test" if test else "train", "files": [str(f) for f in files], "label": str(lab)}
+        )
+    meta = {
+        "name": "WMH2017",
+        "channel_names": {str(i): m for i, m in enumerate(want)},
+        "test_split": {"method": "challenge", "rule": "the challenge's own Train / Test folders"},
+    }
+    meta["labels"] = {
+        "background": 0,
+        "white matter hyperintensities": 1,
+        ("ignore" if label2_ignore else "other pathology"): 2,
+    }
     # the challenge's scoring, whichever way label 2 was trained: label 2 masked out, label 1 scored
     meta["evaluation"] = {"regions": {"white matter hyperintensities": [1]}, "ignore": 2, "rules": "wmh"}
     return cases, failed, meta
@@ -528,15 +612,30 @@ def find_msseg(root):
         files = [_one(pre, f"{m}_preprocessed.nii*") for m in mods]
         label = _one(patient / "Masks", "Consensus.nii*")
         if None in files:
-            failed.append({"case": name, "files": [str(f) for f in files if f], "reason": "missing modality: "
-                           + ", ".join(m for m, f in zip(mods, files) if f is None)})
+            failed.append(
+                {
+                    "case": name,
+                    "files": [str(f) for f in files if f],
+                    "reason": "missing modality: " + ", ".join(m for m, f in zip(mods, files) if f is None),
+                }
+            )
             continue
         test = any(p.lower().startswith("test") for p in patient.relative_to(root).parts)
-        cases.append({"case": name, "split": "test" if test and label else "train", "files": [str(f) for f in files],
-                      "label": str(label) if label else None})
-    meta = {"name": "MSSEG2016", "channel_names": {str(i): m for i, m in enumerate(mods)},
-            "labels": {"background": 0, "lesion": 1}, "evaluation": {"regions": {"lesion": [1]}, "rules": "default"},
-            "test_split": {"method": "challenge", "rule": "the challenge's own Training / Testing folders"}}
+        cases.append(
+            {
+                "case": name,
+                "split": "test" if test and label else "train",
+                "files": [str(f) for f in files],
+                "label": str(label) if label else None,
+            }
+        )
+    meta = {
+        "name": "MSSEG2016",
+        "channel_names": {str(i): m for i, m in enumerate(mods)},
+        "labels": {"background": 0, "lesion": 1},
+        "evaluation": {"regions": {"lesion": [1]}, "rules": "default"},
+        "test_split": {"method": "challenge", "rule": "the challenge's own Training / Testing folders"},
+    }
     return cases, failed, meta
 
 
@@ -564,15 +663,25 @@ def find_labelled(root):
         channels = n_ch or max((len(g) for g in groups.values()), default=1)
         for case, g in groups.items():
             files = [g.get(c) for c in range(channels)]
-            lab = next((p for p in (root / lab_dir / f"{case}.nii.gz", root / lab_dir / f"{case}.nii") if p.exists()), None)
+            lab = next(
+                (p for p in (root / lab_dir / f"{case}.nii.gz", root / lab_dir / f"{case}.nii") if p.exists()), None
+            )
             if None in files or len(g) != channels:
-                failed.append({"case": case, "files": [str(p) for p in g.values()],
-                               "reason": f"expected channels 0000..{channels - 1:04d}, found {sorted(g)}"})
+                failed.append(
+                    {
+                        "case": case,
+                        "files": [str(p) for p in g.values()],
+                        "reason": f"expected channels 0000..{channels - 1:04d}, found {sorted(g)}",
+                    }
+                )
             elif split == "train" and lab is None:
-                failed.append({"case": case, "files": [str(p) for p in files], "reason": f"no label {lab_dir}/{case}.nii.gz"})
+                failed.append(
+                    {"case": case, "files": [str(p) for p in files], "reason": f"no label {lab_dir}/{case}.nii.gz"}
+                )
             else:
-                cases.append({"case": case, "split": split, "files": [str(p) for p in files],
-                              "label": str(lab) if lab else None})
+                cases.append(
+                    {"case": case, "split": split, "files": [str(p) for p in files], "label": str(lab) if lab else None}
+                )
     return cases, failed, meta
 
 
@@ -585,11 +694,19 @@ def find_unlabelled(root):
         try:
             shape = nib.load(str(f)).shape  # header only
         except Exception as e:
-            failed.append({"case": case, "files": [str(f)], "reason": f"cannot read NIfTI header ({type(e).__name__}); re-export the file"})
+            failed.append(
+                {
+                    "case": case,
+                    "files": [str(f)],
+                    "reason": f"cannot read NIfTI header ({type(e).__name__}); re-export the file",
+                }
+            )
             continue
         if len(shape) == 4 and shape[3] > 1:
-            cases += [{"case": f"{case}_v{t:03d}", "split": "train", "files": [str(f)], "volume": t, "label": None}
-                      for t in range(shape[3])]
+            cases += [
+                {"case": f"{case}_v{t:03d}", "split": "train", "files": [str(f)], "volume": t, "label": None}
+                for t in range(shape[3])
+            ]
         else:
             cases.append({"case": case, "split": "train", "files": [str(f)], "label": None})
     return cases, failed
@@ -610,11 +727,16 @@ def done_meta(out, c):
     (np.load reads only the header)."""
     try:
         meta = json.loads((out / "meta" / f"{c['case']}.json").read_text())
-        ok = (meta["fingerprint"] == fingerprint(c) and meta.get("recipe") == RECIPE
-              and meta.get("transpose", [0, 1, 2]) == c.get("transpose", [0, 1, 2])
-              and tuple(np.load(out / "images" / f"{c['case']}.npy", mmap_mode="r").shape) == tuple(meta["shape"])
-              and (not c["label"] or tuple(np.load(out / "labels" / f"{c['case']}.npy", mmap_mode="r").shape)
-                   == tuple(meta["shape"][1:])))
+        ok = (
+            meta["fingerprint"] == fingerprint(c)
+            and meta.get("recipe") == RECIPE
+            and meta.get("transpose", [0, 1, 2]) == c.get("transpose", [0, 1, 2])
+            and tuple(np.load(out / "images" / f"{c['case']}.npy", mmap_mode="r").shape) == tuple(meta["shape"])
+            and (
+                not c["label"]
+                or tuple(np.load(out / "labels" / f"{c['case']}.npy", mmap_mode="r").shape) == tuple(meta["shape"][1:])
+            )
+        )
         return meta if ok else None
     except Exception:
         return None
@@ -622,6 +744,7 @@ def done_meta(out, c):
 
 # -----------------------------------------------------------------------------
 # One case (runs in a worker process)
+
 
 def onto_grid(x, affine, shape, target_affine):
     """x (on `affine`) resampled onto the voxel grid (shape, target_affine) with cubic
@@ -658,30 +781,50 @@ def process_case(c, out, allowed_labels, opened=None):
         for old, new in c.get("label_map", {}).items():  # e.g. BraTS 4 -> 3
             label[label == old] = new
         if tuple(label.shape) != tuple(channels[0].shape):
-            raise CaseError(f"label {c['label']} has shape {label.shape}, the image {tuple(channels[0].shape)}; "
-                            "it must share the image's voxel grid")
+            raise CaseError(
+                f"label {c['label']} has shape {label.shape}, the image {tuple(channels[0].shape)}; "
+                "it must share the image's voxel grid"
+            )
         if not same_grid(label.shape, laff, channels[0].shape, affine):
-            raise CaseError(f"label {c['label']} has the image's shape but another affine (up to "
-                            f"{np.abs(np.asarray(laff) - np.asarray(affine)).max():.3g} mm apart: shifted or rotated); "
-                            "it must share the image's voxel grid")
+            raise CaseError(
+                f"label {c['label']} has the image's shape but another affine (up to "
+                f"{np.abs(np.asarray(laff) - np.asarray(affine)).max():.3g} mm apart: shifted or rotated); "
+                "it must share the image's voxel grid"
+            )
         if not np.isfinite(label).all() or (label != np.round(label)).any():
             raise CaseError(f"label {c['label']} has non-integer values")
         vals = sorted(int(v) for v in np.unique(label))
         if allowed_labels is not None and set(vals) - set(allowed_labels):
-            raise CaseError(f"label {c['label']} has values {sorted(set(vals) - set(allowed_labels))} "
-                            f"not in dataset.json's labels {allowed_labels}")
+            raise CaseError(
+                f"label {c['label']} has values {sorted(set(vals) - set(allowed_labels))} "
+                f"not in dataset.json's labels {allowed_labels}"
+            )
     image, lab, meta = preprocess_arrays(channels, affine, label, c.get("transpose"))
     save_npy(out / "images" / f"{name}.npy", image.astype(np.float16))
     if lab is not None:
         save_npy(out / "labels" / f"{name}.npy", lab)
     grid = c["label"] if c.get("onto_label") and c["label"] else c["files"][0]  # whose voxel grid the case is on
-    meta.update({"case": name, "split": c["split"], "recipe": RECIPE, "source_root": c["root"], "source_files": c["files"], "source_label": c["label"],
-                 "grid_file": grid, "label_map": {str(k): v for k, v in c.get("label_map", {}).items()},
-                 "volume": c.get("volume"), "original_affine": np.asarray(affine).tolist(),
-                 "original_shape": list(channels[0].shape),
-                 "original_spacing": [float(s) for s in nib.affines.voxel_sizes(affine)],
-                 "original_orientation": "".join(nib.aff2axcodes(affine)), "fingerprint": fingerprint(c),
-                 "label_counts": {str(v): int(n) for v, n in zip(*np.unique(lab, return_counts=True))} if lab is not None else None})
+    meta.update(
+        {
+            "case": name,
+            "split": c["split"],
+            "recipe": RECIPE,
+            "source_root": c["root"],
+            "source_files": c["files"],
+            "source_label": c["label"],
+            "grid_file": grid,
+            "label_map": {str(k): v for k, v in c.get("label_map", {}).items()},
+            "volume": c.get("volume"),
+            "original_affine": np.asarray(affine).tolist(),
+            "original_shape": list(channels[0].shape),
+            "original_spacing": [float(s) for s in nib.affines.voxel_sizes(affine)],
+            "original_orientation": "".join(nib.aff2axcodes(affine)),
+            "fingerprint": fingerprint(c),
+            "label_counts": {str(v): int(n) for v, n in zip(*np.unique(lab, return_counts=True))}
+            if lab is not None
+            else None,
+        }
+    )
     save_json(out / "meta" / f"{name}.json", meta)  # last: marks the case done
     return meta
 
@@ -718,6 +861,7 @@ def init_worker(parent=None):
         return
     try:
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     except (OSError, AttributeError):
         pass
@@ -728,12 +872,15 @@ def init_worker(parent=None):
         while os.getppid() == parent:
             time.sleep(1.0)
         os._exit(1)
+
     import threading
+
     threading.Thread(target=watch, daemon=True).start()
 
 
 # -----------------------------------------------------------------------------
 # The run
+
 
 def assign_test_split(cases, fraction, seed):
     """Without imagesTs, for a dataset the authors never split: a seeded `fraction` of
@@ -745,8 +892,12 @@ def assign_test_split(cases, fraction, seed):
     test = set(rng.choice(names, size=int(round(fraction * len(names))), replace=False).tolist())
     for c in cases:
         c["split"] = "test" if c["case"] in test else "train"
-    return {"method": "kit", "rule": f"a seeded {fraction:g} of the cases (numpy default_rng({seed}))", "seed": seed,
-            "fraction": fraction}
+    return {
+        "method": "kit",
+        "rule": f"a seeded {fraction:g} of the cases (numpy default_rng({seed}))",
+        "seed": seed,
+        "fraction": fraction,
+    }
 
 
 def header_geometry(c):
@@ -790,13 +941,29 @@ def as_pretraining(cases, channel_names):
     (each channel its own single-channel volume), with the test split left out so
     that pretraining never sees a downstream test case. Returns (cases, left out)."""
     left_out = sorted(c["case"] for c in cases if c["split"] == "test")
-    vols = [{"case": f"{c['case']}_{channel_names[str(i)]}", "split": "train", "files": [f], "label": None}
-            for c in cases if c["split"] == "train" for i, f in enumerate(c["files"])]
+    vols = [
+        {"case": f"{c['case']}_{channel_names[str(i)]}", "split": "train", "files": [f], "label": None}
+        for c in cases
+        if c["split"] == "train"
+        for i, f in enumerate(c["files"])
+    ]
     return vols, left_out
 
 
-def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=False, fmt=None, transpose="auto",
-        pretraining=False, wmh_t1=False, wmh_label2_ignore=False):
+def run(
+    inp,
+    out,
+    workers,
+    overwrite=False,
+    test_fraction=0.25,
+    seed=0,
+    quiet=False,
+    fmt=None,
+    transpose="auto",
+    pretraining=False,
+    wmh_t1=False,
+    wmh_label2_ignore=False,
+):
     """Preprocess `inp` into `out` (fmt: one of CONVERTERS for a download layout;
     pretraining: its training cases as unlabelled volumes, test cases left out);
     returns (n_done, n_skipped, failures)."""
@@ -816,20 +983,35 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     else:
         (cases, failed), ds_meta, split_info = find_unlabelled(inp), {}, None
     if not cases:  # nothing to preprocess: say so, and write no empty dataset
-        kind = (f"--format {fmt} found no {fmt} case" if fmt else "no case found (neither an nnU-Net dataset with "
-                "imagesTr/ nor any *.nii / *.nii.gz file)" if not labelled else "no usable case in imagesTr/")
-        raise InputError(f"--input {inp}: {kind}" + (f"; {len(failed)} input(s) unusable, e.g. {failed[0]['case']}: "
-                                                     f"{failed[0]['reason']}" if failed else "") + "; nothing written")
+        kind = (
+            f"--format {fmt} found no {fmt} case"
+            if fmt
+            else "no case found (neither an nnU-Net dataset with imagesTr/ nor any *.nii / *.nii.gz file)"
+            if not labelled
+            else "no usable case in imagesTr/"
+        )
+        raise InputError(
+            f"--input {inp}: {kind}"
+            + (f"; {len(failed)} input(s) unusable, e.g. {failed[0]['case']}: {failed[0]['reason']}" if failed else "")
+            + "; nothing written"
+        )
     if not quiet:
-        print(f"preprocess.py: {inp} ({fmt or ('nnU-Net labelled' if labelled else 'unlabelled')}"
-              f"{', pretraining volumes' if pretraining else ''}, {len(cases)} case(s) found) -> {out}")
+        print(
+            f"preprocess.py: {inp} ({fmt or ('nnU-Net labelled' if labelled else 'unlabelled')}"
+            f"{', pretraining volumes' if pretraining else ''}, {len(cases)} case(s) found) -> {out}"
+        )
     allowed = label_values(ds_meta)
     _header_geometry.cache_clear()  # headers as they are now
-    plan = plan_transpose([g for c in cases if c["split"] == "train" for g in header_geometry(c)]) \
-        if transpose == "auto" else [0, 1, 2]
+    plan = (
+        plan_transpose([g for c in cases if c["split"] == "train" for g in header_geometry(c)])
+        if transpose == "auto"
+        else [0, 1, 2]
+    )
     if plan != [0, 1, 2] and not quiet:
-        print(f"preprocess: thick slices (Yucca's determine_transpose): axes stored in the order {plan} "
-              f"(--transpose none keeps RAS order)")
+        print(
+            f"preprocess: thick slices (Yucca's determine_transpose): axes stored in the order {plan} "
+            f"(--transpose none keeps RAS order)"
+        )
     for c in cases:
         c["root"], c["transpose"] = str(inp), plan
     for d in ("images", "labels", "meta") if labelled else ("images", "meta"):
@@ -860,32 +1042,57 @@ def run(inp, out, workers, overwrite=False, test_fraction=0.25, seed=0, quiet=Fa
     if pool:
         pool.shutdown()
     done = len(metas) - skipped
-    entries = [{"case": c["case"], "split": c["split"], "shape": metas[c["case"]]["shape"],
-                "label_counts": metas[c["case"]]["label_counts"]} for c in cases if c["case"] in metas]
+    entries = [
+        {
+            "case": c["case"],
+            "split": c["split"],
+            "shape": metas[c["case"]]["shape"],
+            "label_counts": metas[c["case"]]["label_counts"],
+        }
+        for c in cases
+        if c["case"] in metas
+    ]
     channels = ds_meta.get("channel_names", ds_meta.get("modality")) or {"0": "MRI"}
-    summary = {"name": ds_meta.get("name", inp.name), "source": str(inp), "labelled": labelled, "format": fmt or "nnunet",
-               "channels": channels, "n_channels": len(channels) if labelled else 1,
-               "labels": ds_meta.get("labels"), "label_values": allowed, **(label_semantics(ds_meta) if labelled else {}),
-               "test_split": split_info, "transpose": plan,
-               **({"pretraining_from": fmt, "left_out_test_cases": left_out} if left_out is not None else {}),
-               "counts": {"train": sum(e["split"] == "train" for e in entries),
-                          "test": sum(e["split"] == "test" for e in entries), "failed": len(failed)},
-               "cases": entries}
+    summary = {
+        "name": ds_meta.get("name", inp.name),
+        "source": str(inp),
+        "labelled": labelled,
+        "format": fmt or "nnunet",
+        "channels": channels,
+        "n_channels": len(channels) if labelled else 1,
+        "labels": ds_meta.get("labels"),
+        "label_values": allowed,
+        **(label_semantics(ds_meta) if labelled else {}),
+        "test_split": split_info,
+        "transpose": plan,
+        **({"pretraining_from": fmt, "left_out_test_cases": left_out} if left_out is not None else {}),
+        "counts": {
+            "train": sum(e["split"] == "train" for e in entries),
+            "test": sum(e["split"] == "test" for e in entries),
+            "failed": len(failed),
+        },
+        "cases": entries,
+    }
     save_json(out / "dataset.json", summary)
     save_json(out / "failed.json", failed)
     if not quiet:
-        print(f"preprocess: {done} done, {skipped} skipped (already done), {len(failed)} failed "
-            f"in {time.time() - t0:.1f} s -> {out}" + (f"  (see {out / 'failed.json'})" if failed else ""))
+        print(
+            f"preprocess: {done} done, {skipped} skipped (already done), {len(failed)} failed "
+            f"in {time.time() - t0:.1f} s -> {out}" + (f"  (see {out / 'failed.json'})" if failed else "")
+        )
     return done, skipped, failed
 
 
 # -----------------------------------------------------------------------------
 # The demo dataset: brain-like phantoms with lesion labels
 
+
 def smooth_noise(rng, shape, scale):
     """Smooth random field in [-1, 1]-ish: coarse noise upsampled (trilinear)."""
     coarse = torch.from_numpy(rng.standard_normal([max(2, s // scale) for s in shape]).astype(np.float32))
-    return torch.nn.functional.interpolate(coarse[None, None], size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
+    return torch.nn.functional.interpolate(coarse[None, None], size=shape, mode="trilinear", align_corners=True)[
+        0, 0
+    ].numpy()
 
 
 def demo_phantom(rng, shape=(72, 84, 72)):
@@ -897,14 +1104,22 @@ def demo_phantom(rng, shape=(72, 84, 72)):
     r = np.sqrt(((g / radii[:, None, None, None]) ** 2).sum(0))  # ellipsoidal radius
     r = r + 0.04 * smooth_noise(rng, shape, 12)
     img = np.zeros(shape, np.float32)  # air
-    img[r < 1.0] = 0.35   # scalp
+    img[r < 1.0] = 0.35  # scalp
     img[r < 0.93] = 0.08  # skull (dark)
     img[r < 0.87] = 0.12  # CSF
     fold = 0.08 * smooth_noise(rng, shape, 6)
     brain, wm = r + fold < 0.82, r + 1.5 * fold < 0.62
     img[brain] = 0.75  # grey matter
-    img[wm] = 0.55     # white matter
-    vent = np.sqrt(((g - np.array([0, 0.05, 0.1])[:, None, None, None]) ** 2 / np.array([0.12, 0.3, 0.12])[:, None, None, None] ** 2).sum(0)) < 1
+    img[wm] = 0.55  # white matter
+    vent = (
+        np.sqrt(
+            (
+                (g - np.array([0, 0.05, 0.1])[:, None, None, None]) ** 2
+                / np.array([0.12, 0.3, 0.12])[:, None, None, None] ** 2
+            ).sum(0)
+        )
+        < 1
+    )
     img[vent & wm] = 0.12
     label = np.zeros(shape, np.uint8)
     for _ in range(rng.integers(1, 5)):
@@ -946,51 +1161,103 @@ def make_demo(root, n_cases=32, seed=0, quiet=False, shape=(72, 84, 72)):
         img_s, lab_s = np.take(img, src, axis=ax), np.take(lab, src, axis=ax)
         affine = np.diag([*spacing, 1.0])
         affine[:3, 3] = -np.array(img_s.shape) * spacing / 2 + rng.uniform(-5, 5, 3)
-        ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
-                                               nib.orientations.axcodes2ornt(codes[i % len(codes)]))
+        ornt = nib.orientations.ornt_transform(
+            nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes[i % len(codes)])
+        )
         name = f"demo_{i:03d}"
         im = nib.Nifti1Image(img_s.astype(np.float32), affine).as_reoriented(ornt)
         lb = nib.Nifti1Image(lab_s.astype(np.uint8), affine).as_reoriented(ornt)
         im.set_qform(im.affine, 1), lb.set_qform(lb.affine, 1)
         nib.save(im, root / "imagesTr" / f"{name}_0000.nii.gz")
         nib.save(lb, root / "labelsTr" / f"{name}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "AMAES-demo", "channel_names": {"0": "FLAIR"}, "labels": {"background": 0, "lesion": 1},
-        "numTraining": n_cases, "file_ending": ".nii.gz"}, indent=1))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "AMAES-demo",
+                "channel_names": {"0": "FLAIR"},
+                "labels": {"background": 0, "lesion": 1},
+                "numTraining": n_cases,
+                "file_ending": ".nii.gz",
+            },
+            indent=1,
+        )
+    )
 
 
 # -----------------------------------------------------------------------------
 
+
 def get_args(argv=None):
-    p = ArgumentParser(prog="preprocess.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="Examples:\n  python preprocess.py --input /data/OASIS3 --output data/oasis\n"
-                              "  python preprocess.py --input /data/Dataset501_WMH --output data/wmh\n"
-                              "  python preprocess.py --demo demo")
+    p = ArgumentParser(
+        prog="preprocess.py",
+        description=__doc__.strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  python preprocess.py --input /data/OASIS3 --output data/oasis\n"
+        "  python preprocess.py --input /data/Dataset501_WMH --output data/wmh\n"
+        "  python preprocess.py --demo demo",
+    )
     p.add_argument("--input", type=Path, help="raw folder: nnU-Net dataset (imagesTr/...) or any folder of NIfTI files")
     p.add_argument("--output", type=Path, help="where images/, labels/, meta/, dataset.json, failed.json go")
-    p.add_argument("--format", choices=list(CONVERTERS), help="--input is a download of BraTS 2021, ISLES 2022, WMH 2017 or "
-                   "MSSEG-2016 in its own layout: converted as the authors' Yucca task conversions (channels in their "
-                   "order, BraTS 4 -> 3, ISLES channels on the mask's grid, WMH FLAIR only with label 2 a class; the "
-                   "authors' test cases: their train_test_split for BraTS/ISLES, the challenge's test folders for "
-                   "WMH/MSSEG) and preprocessed in one run")
-    p.add_argument("--wmh-with-t1", action="store_true", help="--format wmh: FLAIR + T1 (the authors' Task008_WMH) "
-                   "instead of FLAIR only (their default task, Task006_WMH_Flair)")
-    p.add_argument("--wmh-label2-ignore", action="store_true", help="--format wmh: label 2 (other pathology) as the "
-                   "ignore label, left out of the loss, as the WMH challenge scores it (default: a class, as the authors)")
-    p.add_argument("--pretraining", action="store_true", help="with --format: write the download's TRAINING cases as "
-                   "unlabelled pretraining volumes (each channel its own volume, as in BRAINS-45K) and leave its test "
-                   "cases out, so pretraining never sees a downstream test case")
-    p.add_argument("--transpose", default="auto", choices=("auto", "none"), help="auto (default, the authors' Yucca "
-                   "planner): when the training images are mostly thick-slice (median), store the thick axis first; "
-                   "none: always RAS axis order")
-    p.add_argument("--demo", type=Path, metavar="DIR", help="write the synthetic demo dataset to DIR/raw and preprocess it to DIR/preprocessed")
+    p.add_argument(
+        "--format",
+        choices=list(CONVERTERS),
+        help="--input is a download of BraTS 2021, ISLES 2022, WMH 2017 or "
+        "MSSEG-2016 in its own layout: converted as the authors' Yucca task conversions (channels in their "
+        "order, BraTS 4 -> 3, ISLES channels on the mask's grid, WMH FLAIR only with label 2 a class; the "
+        "authors' test cases: their train_test_split for BraTS/ISLES, the challenge's test folders for "
+        "WMH/MSSEG) and preprocessed in one run",
+    )
+    p.add_argument(
+        "--wmh-with-t1",
+        action="store_true",
+        help="--format wmh: FLAIR + T1 (the authors' Task008_WMH) "
+        "instead of FLAIR only (their default task, Task006_WMH_Flair)",
+    )
+    p.add_argument(
+        "--wmh-label2-ignore",
+        action="store_true",
+        help="--format wmh: label 2 (other pathology) as the "
+        "ignore label, left out of the loss, as the WMH challenge scores it (default: a class, as the authors)",
+    )
+    p.add_argument(
+        "--pretraining",
+        action="store_true",
+        help="with --format: write the download's TRAINING cases as "
+        "unlabelled pretraining volumes (each channel its own volume, as in BRAINS-45K) and leave its test "
+        "cases out, so pretraining never sees a downstream test case",
+    )
+    p.add_argument(
+        "--transpose",
+        default="auto",
+        choices=("auto", "none"),
+        help="auto (default, the authors' Yucca "
+        "planner): when the training images are mostly thick-slice (median), store the thick axis first; "
+        "none: always RAS axis order",
+    )
+    p.add_argument(
+        "--demo",
+        type=Path,
+        metavar="DIR",
+        help="write the synthetic demo dataset to DIR/raw and preprocess it to DIR/preprocessed",
+    )
     p.add_argument("--demo-cases", type=int, default=32, help="number of demo cases (default 32)")
-    p.add_argument("--demo-shape", type=int, nargs=3, default=[72, 84, 72], metavar=("X", "Y", "Z"),
-                   help="demo head size in 1 mm voxels (default 72 84 72; e.g. 160 192 160 for real-size benchmarks)")
+    p.add_argument(
+        "--demo-shape",
+        type=int,
+        nargs=3,
+        default=[72, 84, 72],
+        metavar=("X", "Y", "Z"),
+        help="demo head size in 1 mm voxels (default 72 84 72; e.g. 160 192 160 for real-size benchmarks)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="redo every case, also those already done")
-    p.add_argument("--test-fraction", type=float, default=0.25, help="test share when a dataset the authors never split "
-                   "has no imagesTs (default 0.25; the kit's own seeded split)")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.25,
+        help="test share when a dataset the authors never split "
+        "has no imagesTs (default 0.25; the kit's own seeded split)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the test split and of the demo phantoms (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     a = p.parse_args(argv)
@@ -1027,8 +1294,20 @@ def main(argv=None):
     try:
         if unwritable(a.output):
             raise InputError(f"--output {a.output}: {unwritable(a.output)}; choose another --output")
-        _, _, failed = run(a.input, a.output, a.workers, a.overwrite, a.test_fraction, a.seed, a.quiet, a.format, a.transpose,
-                           a.pretraining, a.wmh_with_t1, a.wmh_label2_ignore)
+        _, _, failed = run(
+            a.input,
+            a.output,
+            a.workers,
+            a.overwrite,
+            a.test_fraction,
+            a.seed,
+            a.quiet,
+            a.format,
+            a.transpose,
+            a.pretraining,
+            a.wmh_with_t1,
+            a.wmh_label2_ignore,
+        )
     except InputError as e:
         print(f"preprocess.py: error: {e}", file=sys.stderr)
         return 2

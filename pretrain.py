@@ -61,6 +61,7 @@ masks of step s on rank r come from a generator seeded with (seed, s, r), so --r
 gives the same next batch, the same masks and the same learning rate as an
 uninterrupted run.
 """
+
 import argparse
 import gzip
 import math
@@ -76,10 +77,37 @@ import data
 import pictures
 from models import ARCHS, build_model, describe, patch_rule
 from preprocess import ArgumentParser
-from training import (Interval, process_batch, StopRun, UserError, add_run_flags, all_sum, check_patch,
-                      check_resumed_cases, check_run_flags, gather, load_pretrained_file, guarded_step, make_loader,
-                      make_optimizer, preflight, precision, open_run, resume_or_start, restore, run_main, save_all, set_lr,
-                      setup, steps, stop_if_signalled, stopped, user_input, wrap, write_file)
+from training import (
+    Interval,
+    StopRun,
+    UserError,
+    add_run_flags,
+    all_sum,
+    check_patch,
+    check_resumed_cases,
+    check_run_flags,
+    gather,
+    guarded_step,
+    load_pretrained_file,
+    make_loader,
+    make_optimizer,
+    open_run,
+    precision,
+    preflight,
+    process_batch,
+    restore,
+    resume_or_start,
+    run_main,
+    save_all,
+    set_lr,
+    setup,
+    steps,
+    stop_if_signalled,
+    stopped,
+    user_input,
+    wrap,
+    write_file,
+)
 
 METHODS = ("amaes", "mae", "swin_ssl")
 INTERP = {"cubic": 3, "linear": 1}
@@ -87,90 +115,270 @@ INTERP = {"cubic": 3, "linear": 1}
 # whether --batch is per process (AMAES, Tang, BrainSegFounder: every process loads its own batch)
 # or the total over all processes (nnssl: total_batch_size split over the GPUs).
 RECIPES = {
-    "amaes": dict(method="amaes", optimizer="adamw", lr=1e-4, wd=0.01, schedule="cosine", warmup_epochs=5.0, warmup_steps=None,
-                  warmup_start=1e-3, epochs=100, steps_per_epoch=None, steps=None, patch=128, batch=8, batch_scope="process",
-                  crops_per_volume=1, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="all", grad_clip=0.0,
-                  dtype="auto"),
+    "amaes": dict(
+        method="amaes",
+        optimizer="adamw",
+        lr=1e-4,
+        wd=0.01,
+        schedule="cosine",
+        warmup_epochs=5.0,
+        warmup_steps=None,
+        warmup_start=1e-3,
+        epochs=100,
+        steps_per_epoch=None,
+        steps=None,
+        patch=128,
+        batch=8,
+        batch_scope="process",
+        crops_per_volume=1,
+        mask_ratio_range=[0.6, 0.6],
+        mask_token=4,
+        loss_on="all",
+        aug="all",
+        grad_clip=0.0,
+        dtype="auto",
+    ),
     # Tang et al.'s "exact configuration" as AMAES used it: research-contributions SwinUNETR/Pretrain
     # main.py defaults with --lrdecay (lr 4e-4 l.176, decay 0.1 l.177, warmup 500 l.158, warmup_cosine
     # l.183/245, batch_size 2 x sw_batch_size 2 crops l.174-175, AMP unless --noamp l.187), at 128^3
     # for 100 epochs (AMAES's change). The README's published run is flags (README.md).
-    "tang": dict(method="swin_ssl", optimizer="adamw", lr=4e-4, wd=0.1, schedule="cosine", warmup_epochs=None, warmup_steps=500,
-                 warmup_start=0.0, epochs=100, steps_per_epoch=None, steps=None, patch=128, batch=4, batch_scope="process",
-                 crops_per_volume=2, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="none", grad_clip=0.0,
-                 dtype="fp16"),
+    "tang": dict(
+        method="swin_ssl",
+        optimizer="adamw",
+        lr=4e-4,
+        wd=0.1,
+        schedule="cosine",
+        warmup_epochs=None,
+        warmup_steps=500,
+        warmup_start=0.0,
+        epochs=100,
+        steps_per_epoch=None,
+        steps=None,
+        patch=128,
+        batch=4,
+        batch_scope="process",
+        crops_per_volume=2,
+        mask_ratio_range=[0.6, 0.6],
+        mask_token=4,
+        loss_on="all",
+        aug="none",
+        grad_clip=0.0,
+        dtype="fp16",
+    ),
     # nnssl BaseMAETrainer_BS8 (BaseMAETrainer.py l.569-579: total_batch_size 8; mask_percentage 0.75
     # l.79; patch 160 l.78), AbstractTrainer.py l.157-163 (lr 1e-2, wd 3e-5, momentum 0.99, 250 x 1000)
-    "wald": dict(method="mae", optimizer="sgd", lr=1e-2, wd=3e-5, schedule="poly", warmup_epochs=None, warmup_steps=0,
-                 warmup_start=1e-3, epochs=1000, steps_per_epoch=250, steps=None, patch=160, batch=8, batch_scope="total",
-                 crops_per_volume=1, mask_ratio_range=[0.75, 0.75], mask_token=16, loss_on="masked", aug="wald", grad_clip=12.0,
-                 dtype="fp16"),
+    "wald": dict(
+        method="mae",
+        optimizer="sgd",
+        lr=1e-2,
+        wd=3e-5,
+        schedule="poly",
+        warmup_epochs=None,
+        warmup_steps=0,
+        warmup_start=1e-3,
+        epochs=1000,
+        steps_per_epoch=250,
+        steps=None,
+        patch=160,
+        batch=8,
+        batch_scope="total",
+        crops_per_volume=1,
+        mask_ratio_range=[0.75, 0.75],
+        mask_token=16,
+        loss_on="masked",
+        aug="wald",
+        grad_clip=12.0,
+        dtype="fp16",
+    ),
     # BrainSegFounder stage 1 (lab-smile/BrainSegFounder pretrain/README.md l.15: main_T1T2.py --epochs 300
     # --lr 5e-4, no --lrdecay: a constant lr; main_T1T2.py: the loop runs while global_step < num_steps
     # l.483, num_steps 100000 l.266, batch_size 2 x sw_batch_size 2 l.285-286, roi 96 l.282, AMP)
-    "bsf1": dict(method="swin_ssl", optimizer="adamw", lr=5e-4, wd=0.1, schedule="constant", warmup_epochs=None, warmup_steps=0,
-                 warmup_start=0.0, epochs=300, steps_per_epoch=None, steps=100_000, patch=96, batch=4, batch_scope="process",
-                 crops_per_volume=2, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="none", grad_clip=0.0,
-                 dtype="fp16"),
+    "bsf1": dict(
+        method="swin_ssl",
+        optimizer="adamw",
+        lr=5e-4,
+        wd=0.1,
+        schedule="constant",
+        warmup_epochs=None,
+        warmup_steps=0,
+        warmup_start=0.0,
+        epochs=300,
+        steps_per_epoch=None,
+        steps=100_000,
+        patch=96,
+        batch=4,
+        batch_scope="process",
+        crops_per_volume=2,
+        mask_ratio_range=[0.6, 0.6],
+        mask_token=4,
+        loss_on="all",
+        aug="none",
+        grad_clip=0.0,
+        dtype="fp16",
+    ),
     # BrainSegFounder stage 2 (downstream/BraTS/ssl/launch.sh: lr 6e-6, BATCH_SIZE 2, NUM_STEPS 50000,
     # TOTAL_EPOCHS 100, roi 96, --lrdecay --decay 0.1, --noamp; main_T1T2.py there: warmup 500 l.268,
     # warmup_cosine l.294, sw_batch_size 2 l.286)
-    "bsf2": dict(method="swin_ssl", optimizer="adamw", lr=6e-6, wd=0.1, schedule="cosine", warmup_epochs=None, warmup_steps=500,
-                 warmup_start=0.0, epochs=100, steps_per_epoch=None, steps=50_000, patch=96, batch=4, batch_scope="process",
-                 crops_per_volume=2, mask_ratio_range=[0.6, 0.6], mask_token=4, loss_on="all", aug="none", grad_clip=0.0,
-                 dtype="fp32"),
+    "bsf2": dict(
+        method="swin_ssl",
+        optimizer="adamw",
+        lr=6e-6,
+        wd=0.1,
+        schedule="cosine",
+        warmup_epochs=None,
+        warmup_steps=500,
+        warmup_start=0.0,
+        epochs=100,
+        steps_per_epoch=None,
+        steps=50_000,
+        patch=96,
+        batch=4,
+        batch_scope="process",
+        crops_per_volume=2,
+        mask_ratio_range=[0.6, 0.6],
+        mask_token=4,
+        loss_on="all",
+        aug="none",
+        grad_clip=0.0,
+        dtype="fp32",
+    ),
 }
 ARCH_OF = {"amaes": "unet_b", "tang": "swinunetr", "wald": "resenc_l", "bsf1": "swinunetr", "bsf2": "swinunetr"}
 
 
 def get_args(argv=None):
     """Parsed flags, checked; a.given holds the flags whose value is not the default."""
-    p = ArgumentParser(prog="pretrain.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=list(ARCHS), help="network (default: the recipe's: unet_b / swinunetr / resenc_l; "
-                   "with --init a released file's)")
-    p.add_argument("--recipe", default="amaes", choices=list(RECIPES), help="a paper's whole recipe (default amaes; tang: the "
-                   "SwinUNETR-SSL baseline; wald: the dense MAE of Wald et al.; bsf1 / bsf2: BrainSegFounder's stage 1 / 2); "
-                   "any flag below overrides one number of it")
-    p.add_argument("--method", choices=METHODS, help="amaes, mae, or swin_ssl (swinunetr only) (recipe: amaes / swin_ssl / mae)")
-    p.add_argument("--data", default="demo/preprocessed", help="preprocessed dataset (preprocess.py output; default demo/preprocessed)")
+    p = ArgumentParser(
+        prog="pretrain.py", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--arch",
+        choices=list(ARCHS),
+        help="network (default: the recipe's: unet_b / swinunetr / resenc_l; with --init a released file's)",
+    )
+    p.add_argument(
+        "--recipe",
+        default="amaes",
+        choices=list(RECIPES),
+        help="a paper's whole recipe (default amaes; tang: the "
+        "SwinUNETR-SSL baseline; wald: the dense MAE of Wald et al.; bsf1 / bsf2: BrainSegFounder's stage 1 / 2); "
+        "any flag below overrides one number of it",
+    )
+    p.add_argument(
+        "--method", choices=METHODS, help="amaes, mae, or swin_ssl (swinunetr only) (recipe: amaes / swin_ssl / mae)"
+    )
+    p.add_argument(
+        "--data",
+        default="demo/preprocessed",
+        help="preprocessed dataset (preprocess.py output; default demo/preprocessed)",
+    )
     p.add_argument("--out", default="runs/pretrain", help="run folder (default runs/pretrain)")
-    p.add_argument("--init", metavar="CKPT", help="start from pretrained weights: another run's ckpt.pt or encoder.pt, or a "
-                   "released file (as finetune.py --pretrained); tensors that match by name and shape load, the rest are "
-                   "listed and keep their fresh initialisation; without --arch the file's arch is used")
+    p.add_argument(
+        "--init",
+        metavar="CKPT",
+        help="start from pretrained weights: another run's ckpt.pt or encoder.pt, or a "
+        "released file (as finetune.py --pretrained); tensors that match by name and shape load, the rest are "
+        "listed and keep their fresh initialisation; without --arch the file's arch is used",
+    )
     p.add_argument("--patch", type=int, help="cubic patch side (recipe: 128 / 128 / 160)")
-    p.add_argument("--batch", type=int, help="samples (crops) per step, per process or in total as --batch-scope says "
-                   "(recipe: 8 per process / 4 per process / 8 in total / 4 per process / 4 per process)")
-    p.add_argument("--batch-scope", choices=("process", "total"), help="--batch is per process, or the total over all "
-                   "processes split evenly (recipe: process / process / total (nnssl's total_batch_size) / process / process)")
-    p.add_argument("--crops-per-volume", type=int, help="consecutive samples cut from the same volume (recipe: 1 / 2 / 1 / 2 / 2: "
-                   "Tang's and BrainSegFounder's sw_batch_size crops of each of batch_size volumes)")
-    p.add_argument("--epochs", type=int, help="epochs (recipe: 100 / 100 / 1000 / 300 / 100; bsf1 / bsf2 stop at --steps)")
-    p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (recipe: int(n_train / (batch * world)), wald 250)")
-    p.add_argument("--steps", type=int, help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit "
-                   "(recipe: - / - / - / 100000 / 50000, BrainSegFounder's num_steps)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / adamw / sgd)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="samples (crops) per step, per process or in total as --batch-scope says "
+        "(recipe: 8 per process / 4 per process / 8 in total / 4 per process / 4 per process)",
+    )
+    p.add_argument(
+        "--batch-scope",
+        choices=("process", "total"),
+        help="--batch is per process, or the total over all "
+        "processes split evenly (recipe: process / process / total (nnssl's total_batch_size) / process / process)",
+    )
+    p.add_argument(
+        "--crops-per-volume",
+        type=int,
+        help="consecutive samples cut from the same volume (recipe: 1 / 2 / 1 / 2 / 2: "
+        "Tang's and BrainSegFounder's sw_batch_size crops of each of batch_size volumes)",
+    )
+    p.add_argument(
+        "--epochs", type=int, help="epochs (recipe: 100 / 100 / 1000 / 300 / 100; bsf1 / bsf2 stop at --steps)"
+    )
+    p.add_argument(
+        "--steps-per-epoch", type=int, help="steps per epoch (recipe: int(n_train / (batch * world)), wald 250)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="total steps instead of epochs x steps per epoch; the schedule shrinks to fit "
+        "(recipe: - / - / - / 100000 / 50000, BrainSegFounder's num_steps)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        help="AdamW, or SGD with Nesterov momentum 0.99 (recipe: adamw / adamw / sgd)",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate (recipe: 1e-4 / 4e-4 / 1e-2 / 5e-4 / 6e-6)")
     p.add_argument("--wd", type=float, help="weight decay (recipe: 0.01 / 0.1 / 3e-5 / 0.1 / 0.1)")
-    p.add_argument("--schedule", choices=("cosine", "poly", "constant"), help="linear warm-up then cosine to 0 per step, poly "
-                   "(1 - epoch/epochs)^0.9 per epoch, or constant (Tang's code without --lrdecay) (recipe: cosine / cosine / "
-                   "poly / constant / cosine)")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "poly", "constant"),
+        help="linear warm-up then cosine to 0 per step, poly "
+        "(1 - epoch/epochs)^0.9 per epoch, or constant (Tang's code without --lrdecay) (recipe: cosine / cosine / "
+        "poly / constant / cosine)",
+    )
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up, in epochs (recipe: 5 for amaes)")
-    p.add_argument("--warmup-steps", type=int, help="linear warm-up, in steps (recipe: 500 for tang); wins over --warmup-epochs")
-    p.add_argument("--warmup-start", type=float, help="warm-up starts at lr times this (recipe: 1e-3 for amaes, 0 for tang)")
-    p.add_argument("--mask-ratio", type=float, help="share of tokens masked (recipe: 0.6 amaes, 0.75 wald); sets --mask-ratio-range R R")
-    p.add_argument("--mask-ratio-range", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="mask ratio drawn U(LO, HI) per batch, the same on every rank (recipe: 0.6 0.6 / - / 0.75 0.75; "
-                   "0.6 0.9 is nnssl's BaseVariableSparkMAETrainer, the sparse SparK encoder: another trainer)")
+    p.add_argument(
+        "--warmup-steps", type=int, help="linear warm-up, in steps (recipe: 500 for tang); wins over --warmup-epochs"
+    )
+    p.add_argument(
+        "--warmup-start", type=float, help="warm-up starts at lr times this (recipe: 1e-3 for amaes, 0 for tang)"
+    )
+    p.add_argument(
+        "--mask-ratio",
+        type=float,
+        help="share of tokens masked (recipe: 0.6 amaes, 0.75 wald); sets --mask-ratio-range R R",
+    )
+    p.add_argument(
+        "--mask-ratio-range",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="mask ratio drawn U(LO, HI) per batch, the same on every rank (recipe: 0.6 0.6 / - / 0.75 0.75; "
+        "0.6 0.9 is nnssl's BaseVariableSparkMAETrainer, the sparse SparK encoder: another trainer)",
+    )
     p.add_argument("--mask-token", type=int, help="mask token side in voxels (recipe: 4 / - / 16)")
-    p.add_argument("--loss-on", choices=("all", "masked"), help="MSE over all voxels or masked voxels only (recipe: all / - / masked)")
-    p.add_argument("--aug", choices=data.PRESETS, help="augmentation preset (recipe: all / none / wald / none / none; mae: none)")
-    p.add_argument("--interp", default="cubic", choices=list(INTERP), help="spatial resampling: cubic B-spline (default, "
-                   "the authors') or linear (ours: faster, blurrier; leaves the paper's recipe)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of volumes held out for validation (default 0.01; at least 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples, masks, split and initialisation (default 0)")
-    p.add_argument("--test-sets", nargs="+", default=[], metavar="DATA", help="labelled preprocessed datasets you will "
-                   "evaluate on: a warning names any pretraining volume that is one of their test cases (same raw file "
-                   "name and size); build such data with preprocess.py --format FMT --pretraining to leave them out")
+    p.add_argument(
+        "--loss-on",
+        choices=("all", "masked"),
+        help="MSE over all voxels or masked voxels only (recipe: all / - / masked)",
+    )
+    p.add_argument(
+        "--aug", choices=data.PRESETS, help="augmentation preset (recipe: all / none / wald / none / none; mae: none)"
+    )
+    p.add_argument(
+        "--interp",
+        default="cubic",
+        choices=list(INTERP),
+        help="spatial resampling: cubic B-spline (default, "
+        "the authors') or linear (ours: faster, blurrier; leaves the paper's recipe)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of volumes held out for validation (default 0.01; at least 1)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the samples, masks, split and initialisation (default 0)"
+    )
+    p.add_argument(
+        "--test-sets",
+        nargs="+",
+        default=[],
+        metavar="DATA",
+        help="labelled preprocessed datasets you will "
+        "evaluate on: a warning names any pretraining volume that is one of their test cases (same raw file "
+        "name and size); build such data with preprocess.py --format FMT --pretraining to leave them out",
+    )
     add_run_flags(p)
     a = p.parse_args(argv)
     given = {k for k, v in vars(a).items() if v is not None and v != p.get_default(k)}
@@ -183,8 +391,10 @@ def get_args(argv=None):
         a.aug = "none"  # the plain-MAE ablation of AMAES: no augmentation
     a.arch = a.arch or ARCH_OF[a.recipe]
     if a.method == "swin_ssl" and a.arch != "swinunetr":
-        p.error(f"--method swin_ssl is SwinUNETR's own SSL (rotation, contrastive and reconstruction heads on its "
-                f"Swin bottleneck); use --arch swinunetr, or --method amaes / mae for {a.arch}")
+        p.error(
+            f"--method swin_ssl is SwinUNETR's own SSL (rotation, contrastive and reconstruction heads on its "
+            f"Swin bottleneck); use --arch swinunetr, or --method amaes / mae for {a.arch}"
+        )
     divisor, minimum = patch_rule(a.arch)
     if a.patch % divisor or a.patch < minimum:
         p.error(f"--patch {a.patch}: {a.arch} needs a multiple of {divisor}, at least {minimum}")
@@ -194,8 +404,11 @@ def get_args(argv=None):
         p.error("--mask-ratio / --mask-ratio-range must be in [0, 1), LO <= HI")
     if not 0 <= a.val_fraction < 0.5:
         p.error("--val-fraction must be in [0, 0.5)")
-    check_run_flags(p, a, ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps",
-                           "crops_per_volume"))
+    check_run_flags(
+        p,
+        a,
+        ("batch", "epochs", "steps_per_epoch", "steps", "log_every", "ckpt_every", "max_bad_steps", "crops_per_volume"),
+    )
     if not a.lr >= 0 or not a.wd >= 0:  # NaN too; 0 is allowed (a frozen run, as the tests' exact-transfer check)
         p.error(f"--lr and --wd must be >= 0 (got --lr {a.lr:g}, --wd {a.wd:g})")
     a.given = sorted(given)  # what the user typed (resume compares these), not what the recipe filled in
@@ -205,6 +418,7 @@ def get_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Pieces the loop uses
+
 
 def lr_at(step, total, warmup, lr, start=1e-3, schedule="cosine", steps_per_epoch=1):
     """cosine: linear warm-up from lr * start to lr over `warmup` steps, then cosine to
@@ -244,8 +458,7 @@ def compute_loss(model, inp, target, a, key, autocast):
         views, targets, rot = data.swin_ssl_views(inp, generator("cpu", *key))
         with autocast:
             r, c, rec = model(views)  # (2B, 4), (2B, 512), (2B, C, P, P, P)
-        parts = {"rot": F.cross_entropy(r.float(), rot), "contrast": nt_xent(c),
-                 "rec": F.l1_loss(rec.float(), targets)}
+        parts = {"rot": F.cross_entropy(r.float(), rot), "contrast": nt_xent(c), "rec": F.l1_loss(rec.float(), targets)}
         return sum(parts.values()), parts, (views, rec, targets)
     lo, hi = a.mask_ratio_range  # per batch, from (seed, step) only: the same on every rank
     ratio = lo if lo == hi else float(np.random.default_rng([key[0], key[1], 7]).uniform(lo, hi))
@@ -282,6 +495,7 @@ def load_weights_by_name(model, pre, path):
 
 # -----------------------------------------------------------------------------
 
+
 def train(a):
     """The whole run for flags `a`; returns the (unwrapped) model."""
     ctx = setup(a.device)  # rank, world size, device; say() prints on rank 0 only
@@ -295,28 +509,46 @@ def train(a):
     # -- data -----------------------------------------------------------------
     with user_input():
         ds_json = data.read_dataset(a.data)
-        cases = sorted(c["case"] for c in ds_json["cases"] if c["split"] == "train") or sorted(c["case"] for c in ds_json["cases"])
+        cases = sorted(c["case"] for c in ds_json["cases"] if c["split"] == "train") or sorted(
+            c["case"] for c in ds_json["cases"]
+        )
         n_val = max(1, round(a.val_fraction * len(cases))) if a.val_fraction > 0 and len(cases) > 1 else 0
-        val_cases = sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
+        val_cases = (
+            sorted(np.random.default_rng([a.seed, 99]).choice(cases, n_val, replace=False).tolist()) if n_val else []
+        )
         train_cases = [c for c in cases if c not in val_cases]
         check_resumed_cases(ck, a.data, train_cases, val_cases)
         data.check_cases(a.data, train_cases + val_cases)  # a truncated file named now, not after some steps
         if not a.no_preflight and (ck is None or "data" in a.given):  # one read of every volume: at the start only
-            data.check_finite(a.data, cases[ctx.rank::ctx.world], share=lambda bad: gather(ctx, bad))  # a share each
+            data.check_finite(a.data, cases[ctx.rank :: ctx.world], share=lambda bad: gather(ctx, bad))  # a share each
         a.aug_on = a.aug_on if a.aug_on != "auto" else ("device" if ctx.cuda else "workers")
-        train_ds = data.PretrainDataset(a.data, train_cases, a.patch, a.aug, a.seed, aug_on=a.aug_on, order=INTERP[a.interp],
-                                        crops=a.crops_per_volume)
+        train_ds = data.PretrainDataset(
+            a.data,
+            train_cases,
+            a.patch,
+            a.aug,
+            a.seed,
+            aug_on=a.aug_on,
+            order=INTERP[a.interp],
+            crops=a.crops_per_volume,
+        )
         val_ds = data.PretrainDataset(a.data, val_cases, a.patch, "none", a.seed + 1) if val_cases else None
         for t, files in data.leaked_test_files(a.data, a.test_sets).items():
-            say(f"pretrain.py: warning: {len(files)} raw files of --data {a.data} are test cases of {t} (e.g. {files[0]}): "
-                f"rebuild the pretraining data with preprocess.py --format FMT --pretraining to leave them out")
+            say(
+                f"pretrain.py: warning: {len(files)} raw files of --data {a.data} are test cases of {t} "
+                f"(e.g. {files[0]}): rebuild the pretraining data with preprocess.py --format FMT --pretraining "
+                "to leave them out"
+            )
     spe = a.steps_per_epoch or max(1, len(train_cases) // (bp * ctx.world))
     total = a.steps or a.epochs * spe
     # warm-up in steps (tang) or in epochs (amaes); with --steps it shrinks with the run
     warmup = a.warmup_steps if a.warmup_steps is not None else round(total * (a.warmup_epochs or 0) / a.epochs)
     in_ch = int(ds_json.get("n_channels", 1))
-    say(f"pretrain.py: run {out} ({'resumed at step ' + str(ck['step']) if ck else 'new'}), data {a.data} "
-        f"({ds_json.get('name')}: {len(train_cases)} + {len(val_cases)} val volumes)" + (f", init {a.init}" if a.init else ""))
+    say(
+        f"pretrain.py: run {out} ({'resumed at step ' + str(ck['step']) if ck else 'new'}), data {a.data} "
+        f"({ds_json.get('name')}: {len(train_cases)} + {len(val_cases)} val volumes)"
+        + (f", init {a.init}" if a.init else "")
+    )
 
     # -- model, optimiser, precision ------------------------------------------
     torch.manual_seed(a.seed)
@@ -326,44 +558,85 @@ def train(a):
             raise UserError(f"--init {a.init} holds {pre['arch']} weights, but --arch is {a.arch}")
         a.arch, a.legacy_merge = pre["arch"], pre["legacy_merge"]
         check_patch(a.arch, a.patch)
-    model = build_model(a.arch, in_channels=in_ch, mode="pretrain", checkpointing=a.checkpointing, legacy_merge=a.legacy_merge)
+    model = build_model(
+        a.arch, in_channels=in_ch, mode="pretrain", checkpointing=a.checkpointing, legacy_merge=a.legacy_merge
+    )
     if a.arch == "swinunetr" and a.method != "swin_ssl":
         # masked modelling uses only the reconstruction head; frozen heads keep DDP
         # from waiting for gradients that never come
         model.decoder.rotation_head.requires_grad_(False), model.decoder.contrastive_head.requires_grad_(False)
     if pre is not None:
         fresh = load_weights_by_name(model, pre, a.init)
-        say(f"init: loaded {len(model.state_dict()) - len(fresh)} tensors from {a.init}; "
-            f"re-initialised {len(fresh)}" + (f": {', '.join(fresh[:8])}" + (" ..." if len(fresh) > 8 else "") if fresh else ""))
+        say(
+            f"init: loaded {len(model.state_dict()) - len(fresh)} tensors from {a.init}; "
+            f"re-initialised {len(fresh)}"
+            + (f": {', '.join(fresh[:8])}" + (" ..." if len(fresh) > 8 else "") if fresh else "")
+        )
     model.to(ctx.device)
     if a.dtype == "fp16" and not ctx.cuda and "dtype" not in a.given:
         a.dtype = "fp32"  # a recipe's fp16 AMP is for GPUs
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     opt = make_optimizer(model.parameters(), a.optimizer, a.lr, a.wd, ctx.device)
     step = restore(ck, model, opt, scaler)
-    sample_bytes = (2 * in_ch * a.patch ** 3 if a.aug_on == "workers" else in_ch * math.prod(train_ds.region_size())) * 2
-    preflight(model, a, ctx, out, sample_bytes, a.optimizer, other_files=64 * 2 ** 20)  # samples/ NIfTIs: a few MB each
+    sample_bytes = (2 * in_ch * a.patch**3 if a.aug_on == "workers" else in_ch * math.prod(train_ds.region_size())) * 2
+    preflight(model, a, ctx, out, sample_bytes, a.optimizer, other_files=64 * 2**20)  # samples/ NIfTIs: a few MB each
     net = wrap(model, a.compile, ctx)
     log = open_run(out, a, ck, step, ctx)
     if ctx.master:
         (out / "samples").mkdir(exist_ok=True)
     say(describe(model))
-    say(f"recipe {a.recipe}: " + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe])
-        + f" (batch {a.batch} {'in total over the processes' if a.batch_scope == 'total' else 'per process'})")
-    say(f"{a.method}: {len(train_cases)} train / {len(val_cases)} validation volumes, {ctx.world} process(es) x batch {bp} "
+    say(
+        f"recipe {a.recipe}: "
+        + ", ".join(f"{k} {getattr(a, k)}" for k in RECIPES[a.recipe])
+        + f" (batch {a.batch} {'in total over the processes' if a.batch_scope == 'total' else 'per process'})"
+    )
+    say(
+        f"{a.method}: {len(train_cases)} train / {len(val_cases)} validation volumes, "
+        f"{ctx.world} process(es) x batch {bp} "
         f"(--batch {a.batch} {'in total' if a.batch_scope == 'total' else 'per process'}), "
-        f"patch {a.patch}^3, {total} steps ({spe} per epoch, warm-up {warmup}), {a.dtype} on {ctx.device.type}, aug {a.aug}")
+        f"patch {a.patch}^3, {total} steps ({spe} per epoch, warm-up {warmup}), {a.dtype} on {ctx.device.type}, "
+        f"aug {a.aug}"
+    )
 
     saved = ck["step"] if ck is not None else None  # the step of the last good checkpoint
 
     def checkpoint():
         """ckpt.pt (everything to resume) and encoder.pt (for finetune.py); finite weights only."""
-        save_all(ctx, [({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                         "step": step, "epoch": step // spe, "total": total, "world": ctx.world,
-                         "rng": torch.get_rng_state(), "args": vars(a), "arch": a.arch, "in_channels": in_ch,
-                         "train_cases": train_cases, "val_cases": val_cases}, out / "ckpt.pt", True),
-                        ({"arch": a.arch, "in_channels": in_ch, "method": a.method, "step": step,
-                          "encoder": model.encoder.state_dict()}, out / "encoder.pt", False)])
+        save_all(
+            ctx,
+            [
+                (
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "step": step,
+                        "epoch": step // spe,
+                        "total": total,
+                        "world": ctx.world,
+                        "rng": torch.get_rng_state(),
+                        "args": vars(a),
+                        "arch": a.arch,
+                        "in_channels": in_ch,
+                        "train_cases": train_cases,
+                        "val_cases": val_cases,
+                    },
+                    out / "ckpt.pt",
+                    True,
+                ),
+                (
+                    {
+                        "arch": a.arch,
+                        "in_channels": in_ch,
+                        "method": a.method,
+                        "step": step,
+                        "encoder": model.encoder.state_dict(),
+                    },
+                    out / "encoder.pt",
+                    False,
+                ),
+            ],
+        )
 
     @torch.no_grad()
     def validate():
@@ -377,7 +650,7 @@ def train(a):
         for k in range(ctx.rank, len(val_cases), ctx.world):
             inp, target, _ = val_ds.sample(k)
             inp, target = inp[None].to(ctx.device), target[None].to(ctx.device)
-            loss, _, (x, y, t) = compute_loss(model, inp, target, a, (a.seed, 2 ** 31 - 1, k), autocast)
+            loss, _, (x, y, t) = compute_loss(model, inp, target, a, (a.seed, 2**31 - 1, k), autocast)
             tot, cnt = tot + loss.item(), cnt + 1
             if k == 0:  # rank 0 writes the first example
                 try:
@@ -385,11 +658,15 @@ def train(a):
                         save_nifti(out / "samples" / f"step{step:07d}_{name}.nii.gz", v[0].float().cpu())
                 except StopRun as e:  # a full disk: every rank stops below, none waits for rank 0
                     err = str(e)
-                if not a.no_pictures and not err:  # the same, as one PNG: channel 0, three slices through the patch centre
+                if (
+                    not a.no_pictures and not err
+                ):  # the same, as one PNG: channel 0, three slices through the patch centre
                     vols = [v[0, 0].float().cpu().numpy() for v in (inp, x, y, t)]  # 4 x (P, P, P)
                     try:
-                        pictures.save_png(out / "samples" / f"step{step:07d}.png", pictures.volumes_picture(
-                            vols, ["augmented", "masked", "reconstruction", "target"])[0])
+                        pictures.save_png(
+                            out / "samples" / f"step{step:07d}.png",
+                            pictures.volumes_picture(vols, ["augmented", "masked", "reconstruction", "target"])[0],
+                        )
                     except OSError as e:  # a picture is not worth a run: say so and train on
                         say(f"validation picture not written ({e})")
         model.train()
@@ -438,8 +715,12 @@ def train(a):
             saved = step
         if epoch_end or step % a.ckpt_every == 0:
             meter.restart()  # validation and saving are not data wait
-        stop_if_signalled(ctx, step, saved, checkpoint, log, meter, ("pretrain.py", out))  # SIGTERM & co: save this step, exit 3
-    say(f"done: {out / 'encoder.pt'} (for finetune.py --pretrained), log {out / 'log.jsonl'}, samples {out / 'samples'}")
+        stop_if_signalled(
+            ctx, step, saved, checkpoint, log, meter, ("pretrain.py", out)
+        )  # SIGTERM & co: save this step, exit 3
+    say(
+        f"done: {out / 'encoder.pt'} (for finetune.py --pretrained), log {out / 'log.jsonl'}, samples {out / 'samples'}"
+    )
     return model
 
 

@@ -4,7 +4,7 @@ order a training script uses them (facebookresearch/mae's util/misc.py is the mo
 Each script keeps its own loop inline; this file holds only what both loops need.
 
     ctx = setup(a.device)                               # torchrun's RANK / LOCAL_RANK / WORLD_SIZE
-    ck = resume_or_start(a, out, ctx)                   # the folder's lock; ckpt.pt (or ckpt_prev.pt) with --resume, else None
+    ck = resume_or_start(a, out, ctx)                   # the folder's lock; ckpt.pt (or _prev) with --resume, else None
     data.check_cases(a.data, cases)                     # every .npy's header and size, before the first step
     a.dtype, autocast, scaler = precision(ctx.device, a.dtype)
     loader = make_loader(dataset, a.batch, step, total - step, ctx, a.workers)
@@ -29,6 +29,7 @@ What keeps a week of training safe:
 - log.jsonl is trimmed on every start to the checkpoint's step (a line cut short by a
   kill is dropped) and JSON written by the kit never holds NaN or Infinity (null).
 """
+
 import contextlib
 import errno
 import json
@@ -46,11 +47,26 @@ from tqdm import tqdm
 
 from preprocess import clean_json, save_json, unwritable, write_atomic
 
-
 # flags that may be given anew when a run is resumed: where and how fast it runs, and
 # the ways past a divergence (clipping, precision, patience); everything else is the run's
-RUNTIME_FLAGS = {"out", "data", "resume", "workers", "compile", "log_every", "ckpt_every", "checkpointing", "quiet", "device",
-                 "grad_clip", "dtype", "max_bad_steps", "aug_on", "no_preflight", "no_pictures"}
+RUNTIME_FLAGS = {
+    "out",
+    "data",
+    "resume",
+    "workers",
+    "compile",
+    "log_every",
+    "ckpt_every",
+    "checkpointing",
+    "quiet",
+    "device",
+    "grad_clip",
+    "dtype",
+    "max_bad_steps",
+    "aug_on",
+    "no_preflight",
+    "no_pictures",
+}
 
 
 class UserError(Exception):
@@ -83,29 +99,64 @@ def user_input():
 
 def add_run_flags(p, ckpt_every=1000):
     """The flags every training script has for how (not what) it runs."""
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt with its saved settings "
-                   "(ckpt_prev.pt if ckpt.pt is unreadable); start it when --out has no checkpoint yet, so a rerun of the "
-                   "same command picks up where it stopped")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast dtype (default auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU)")
-    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default: the recipe's, 0 = off; wald 12)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its ckpt.pt with its saved settings "
+        "(ckpt_prev.pt if ckpt.pt is unreadable); start it when --out has no checkpoint yet, so a rerun of the "
+        "same command picks up where it stopped",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="autocast dtype (default auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU)",
+    )
+    p.add_argument(
+        "--grad-clip", type=float, help="clip the gradient norm to this (default: the recipe's, 0 = off; wald 12)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30 %% more compute)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per training process, 0 = "
-                   "read in the training process (default: the cores this process may use, minus one)")
-    p.add_argument("--aug-on", default="auto", choices=("auto", "device", "workers"),
-                   help="where the augmentation runs: batched on the training device after the workers crop, or per "
-                   "sample in the DataLoader workers (default auto: device on CUDA, workers on CPU); same samples either way")
+    p.add_argument(
+        "--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30 %% more compute)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes per training process, 0 = "
+        "read in the training process (default: the cores this process may use, minus one)",
+    )
+    p.add_argument(
+        "--aug-on",
+        default="auto",
+        choices=("auto", "device", "workers"),
+        help="where the augmentation runs: batched on the training device after the workers crop, or per "
+        "sample in the DataLoader workers (default auto: device on CUDA, workers on CPU); same samples either way",
+    )
     p.add_argument("--log-every", type=int, default=20, help="log.jsonl line every N steps (default 20)")
-    p.add_argument("--ckpt-every", type=int, default=ckpt_every, help=f"write ckpt.pt every N steps (default {ckpt_every})")
-    p.add_argument("--max-bad-steps", type=int, default=5,
-                   help="stop after this many steps in a row with a non-finite loss or gradients, each skipped (default 5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
+    p.add_argument(
+        "--ckpt-every", type=int, default=ckpt_every, help=f"write ckpt.pt every N steps (default {ckpt_every})"
+    )
+    p.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=5,
+        help="stop after this many steps in a row with a non-finite loss or gradients, each skipped (default 5)",
+    )
+    p.add_argument(
+        "--device", default="auto", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-pictures", action="store_true",
-                   help="no PNG pictures (samples, progress.png); they cost well under 1 %% of a run")
-    p.add_argument("--no-preflight", action="store_true", help="skip the check that the run fits in memory, /dev/shm and "
-                   "disk before it starts")
+    p.add_argument(
+        "--no-pictures",
+        action="store_true",
+        help="no PNG pictures (samples, progress.png); they cost well under 1 %% of a run",
+    )
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the check that the run fits in memory, /dev/shm and disk before it starts",
+    )
 
 
 def check_run_flags(p, a, names):
@@ -123,6 +174,7 @@ def check_run_flags(p, a, names):
 # -----------------------------------------------------------------------------
 # Distributed setup
 
+
 def setup(device="auto"):
     """Process facts from torchrun's environment; joins the process group (nccl on
     CUDA, gloo on CPU) when there is more than one process."""
@@ -139,8 +191,15 @@ def setup(device="auto"):
         dist.init_process_group("nccl" if cuda else "gloo")
     master = rank == 0
     # tqdm.write prints above a progress bar instead of through it
-    return SimpleNamespace(rank=rank, world=world, local=local, device=dev, cuda=cuda, master=master,
-                           say=(lambda s: tqdm.write(str(s))) if master else (lambda *x, **k: None))
+    return SimpleNamespace(
+        rank=rank,
+        world=world,
+        local=local,
+        device=dev,
+        cuda=cuda,
+        master=master,
+        say=(lambda s: tqdm.write(str(s))) if master else (lambda *x, **k: None),
+    )
 
 
 def teardown():
@@ -198,6 +257,7 @@ class StopSignals:
 
 def threading_main():
     import threading
+
     return threading.current_thread() is threading.main_thread()
 
 
@@ -211,6 +271,7 @@ def worker_signals(worker_id=None):
     ignored; SIGTERM is waited for in a thread and obeyed only when it comes from the
     parent (the DataLoader's own terminate()) or the parent is gone."""
     import threading
+
     for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
     parent = os.getppid()
@@ -221,6 +282,7 @@ def worker_signals(worker_id=None):
             info = signal.sigwaitinfo({signal.SIGTERM})
             if info.si_pid == parent or os.getppid() != parent:
                 os._exit(128 + signal.SIGTERM)
+
     threading.Thread(target=wait, daemon=True).start()
 
 
@@ -241,8 +303,10 @@ def stop_if_signalled(ctx, step, saved, save, log, meter, prog_out):
     STOP.saved = True
     log({"step": step, "stopped": STOP.name()})
     launch = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
-    raise Interrupted(f"stopped by {STOP.name()} at step {step} ({prog_out[1] / 'ckpt.pt'} saved); resume with: "
-                      f"{launch} {prog_out[0]} --out {prog_out[1]} --resume")
+    raise Interrupted(
+        f"stopped by {STOP.name()} at step {step} ({prog_out[1] / 'ckpt.pt'} saved); resume with: "
+        f"{launch} {prog_out[0]} --out {prog_out[1]} --resume"
+    )
 
 
 def all_sum(ctx, *xs):
@@ -278,8 +342,10 @@ def process_batch(batch, scope, world):
     if scope != "total":
         return batch
     if batch % world:
-        raise UserError(f"--batch {batch} is the total over {world} processes (--batch-scope total) and must divide by "
-                        f"{world}; give a multiple of {world}, or --batch-scope process")
+        raise UserError(
+            f"--batch {batch} is the total over {world} processes (--batch-scope total) and must divide by "
+            f"{world}; give a multiple of {world}, or --batch-scope process"
+        )
     return batch // world
 
 
@@ -287,11 +353,17 @@ def make_loader(dataset, batch, start_step, steps, ctx, workers=None):
     """The run's one DataLoader: StepSampler order (data.py), so sample k is the same
     whatever the worker count, and a resumed run starts at its next step."""
     from data import StepSampler  # data.py is the only other module that knows the sample order
+
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=StepSampler(start_step, steps, batch, ctx.rank, ctx.world),
-        num_workers=workers, pin_memory=ctx.cuda, prefetch_factor=4 if workers else None,
-        worker_init_fn=worker_signals if workers else None)
+        dataset,
+        batch_size=batch,
+        sampler=StepSampler(start_step, steps, batch, ctx.rank, ctx.world),
+        num_workers=workers,
+        pin_memory=ctx.cuda,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_signals if workers else None,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -315,6 +387,7 @@ def lock_folder(folder, what="run"):
     file whose process is gone (killed, node rebooted) holds no flock and is taken
     over, so a killed run never blocks its own resume."""
     import fcntl
+
     folder = Path(folder)
     if not folder.exists():
         NEW_FOLDERS.add(folder)  # made for this run: a run refused before it wrote anything leaves no folder
@@ -330,8 +403,11 @@ def lock_folder(folder, what="run"):
         raise UserError(f"{folder} is in use by {holder}; wait for it to end, or choose another --out") from None
     f.seek(0)
     f.truncate()
-    f.write(f"{what} {Path(sys.argv[0]).name} (host {socket.gethostname()}, pid {os.getpid()}"
-            + (f", job {job_id()}" if job_id() else "") + ")\n")
+    f.write(
+        f"{what} {Path(sys.argv[0]).name} (host {socket.gethostname()}, pid {os.getpid()}"
+        + (f", job {job_id()}" if job_id() else "")
+        + ")\n"
+    )
     f.flush()
     LOCK[path] = f
 
@@ -365,6 +441,7 @@ def lock_run(out, ctx):
 # -----------------------------------------------------------------------------
 # Resume
 
+
 def find_checkpoint(out):
     """(path, checkpoint) of the newest readable checkpoint in `out` (ckpt.pt, else
     ckpt_prev.pt), or (None, None)."""
@@ -374,7 +451,10 @@ def find_checkpoint(out):
             try:
                 return p, torch.load(p, map_location="cpu", weights_only=True)
             except Exception as e:
-                print(f"warning: {p} is not readable ({type(e).__name__}); trying the previous checkpoint", file=sys.stderr)
+                print(
+                    f"warning: {p} is not readable ({type(e).__name__}); trying the previous checkpoint",
+                    file=sys.stderr,
+                )
     return None, None
 
 
@@ -395,7 +475,9 @@ def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS, script=None):
     lock_run(out, ctx)  # one run per folder, before anything in it is read
     STOP.install()
     if ctx.master:
-        for stale in list(out.glob(".*.tmp")) + list(out.glob("*/.*.tmp")):  # a killed save's; the lock says no one writes them
+        for stale in list(out.glob(".*.tmp")) + list(
+            out.glob("*/.*.tmp")
+        ):  # a killed save's; the lock says no one writes them
             stale.unlink(missing_ok=True)
     path, ck = find_checkpoint(out)
     if ck is None:
@@ -405,15 +487,22 @@ def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS, script=None):
             ctx.say(f"--resume: {out} has no checkpoint yet; starting the run")
         return None
     if not a.resume:
-        raise UserError(f"{out} already holds a run ({path.name}); pass --resume to continue it or choose another --out")
+        raise UserError(
+            f"{out} already holds a run ({path.name}); pass --resume to continue it or choose another --out"
+        )
     saved = ck["args"]
     kind = "finetune.py" if "n_train" in saved else "pretrain.py"
     if script is not None and kind != script:
-        hint = (f"finetune it with finetune.py --pretrained {out / 'encoder.pt'} --out NEW_FOLDER" if kind == "pretrain.py"
-                else f"resume it with finetune.py --out {out} --resume")
+        hint = (
+            f"finetune it with finetune.py --pretrained {out / 'encoder.pt'} --out NEW_FOLDER"
+            if kind == "pretrain.py"
+            else f"resume it with finetune.py --out {out} --resume"
+        )
         raise UserError(f"--out {out} holds a {kind} run, not a {script} one; {hint}")
     ignored = [k for k in a.given if k not in runtime_flags and saved.get(k) != getattr(a, k)]
-    changed = [k for k in a.given if k in runtime_flags - {"out", "resume"} and k in saved and saved[k] != getattr(a, k)]
+    changed = [
+        k for k in a.given if k in runtime_flags - {"out", "resume"} and k in saved and saved[k] != getattr(a, k)
+    ]
     for k, v in saved.items():
         if k not in ("out", "resume", "given") and not (k in runtime_flags and k in a.given):
             setattr(a, k, v)
@@ -422,8 +511,10 @@ def resume_or_start(a, out, ctx, runtime_flags=RUNTIME_FLAGS, script=None):
     if changed:
         ctx.say(f"resume: changed for the rest of the run: {flag_names(changed)}")
     if ck["world"] != ctx.world:
-        raise UserError(f"--resume: {out} was trained with {ck['world']} processes and this launch has {ctx.world}; "
-                        "resume with the same --nproc_per_node so the sample order continues exactly")
+        raise UserError(
+            f"--resume: {out} was trained with {ck['world']} processes and this launch has {ctx.world}; "
+            "resume with the same --nproc_per_node so the sample order continues exactly"
+        )
     ctx.say(f"resume: {path} at step {ck['step']}")
     return ck
 
@@ -437,13 +528,16 @@ def check_resumed_cases(ck, data, train_cases, val_cases):
     now = set(train_cases) | set(val_cases)
     if (sorted(ck["train_cases"]), sorted(ck.get("val_cases") or [])) != (sorted(train_cases), sorted(val_cases)):
         diff = sorted(was - now)[:3] or sorted(now - was)[:3]
-        raise UserError(f"--resume: --data {data} does not give the run its cases ({len(was - now)} of its {len(was)} "
-                        f"missing, {len(now - was)} new, e.g. {', '.join(diff) or 'a different split'}); give the run's "
-                        f"dataset (args.json) or a copy of it")
+        raise UserError(
+            f"--resume: --data {data} does not give the run its cases ({len(was - now)} of its {len(was)} "
+            f"missing, {len(now - was)} new, e.g. {', '.join(diff) or 'a different split'}); give the run's "
+            f"dataset (args.json) or a copy of it"
+        )
 
 
 # -----------------------------------------------------------------------------
 # Precision and the guarded optimiser step
+
 
 def autocast_for(device, dtype="auto"):
     """(dtype name, autocast context) for --dtype on `device`: bf16 where the GPU has
@@ -462,7 +556,7 @@ def precision(device, dtype="auto"):
     update when it finds one. In fp16 it also scales the loss (from 2^16, adapting);
     in bf16 / fp32 guarded_step pins its scale at 1 (a power of two: exact)."""
     dtype, autocast = autocast_for(device, dtype)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == "fp16" else 1.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if dtype == "fp16" else 1.0)
     return dtype, autocast, scaler
 
 
@@ -498,6 +592,7 @@ def wrap(model, compile_, ctx):
 def check_patch(arch, patch):
     """UserError unless `patch` suits `arch` (models.patch_rule)."""
     import models
+
     divisor, minimum = models.patch_rule(arch)
     if patch % divisor or patch < minimum:
         raise UserError(f"--patch {patch}: {arch} needs a multiple of {divisor}, at least {minimum}")
@@ -508,21 +603,32 @@ def load_pretrained_file(path, flag):
     that is missing, truncated or not a torch file, that holds pickled Python objects
     (refused: weights_only loading never runs them), or that matches no known layout."""
     import models  # models.py is torch-only and imported by every script anyway
+
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{flag} {path}: no such file") from None
     except Exception as e:
         msg = str(e)
-        if any(w in msg for w in ("Unsupported global", "GLOBAL ", "Unsupported class")):  # torch >= 2.4 / 2.3's wording
+        if any(
+            w in msg for w in ("Unsupported global", "GLOBAL ", "Unsupported class")
+        ):  # torch >= 2.4 / 2.3's wording
             what = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
-            what = what[what.find("Unsupported"):][:160] if "Unsupported class" in what else what[:160]
-            raise UserError(f"{flag} {path}: refused: the file holds pickled Python objects ({what}); only tensors and plain "
-                            "values are loaded (torch.load weights_only), so nothing in it was run") from None
+            what = what[what.find("Unsupported") :][:160] if "Unsupported class" in what else what[:160]
+            raise UserError(
+                f"{flag} {path}: refused: the file holds pickled Python objects ({what}); only tensors and plain "
+                "values are loaded (torch.load weights_only), so nothing in it was run"
+            ) from None
         first = msg.splitlines()[0] if msg else ""  # torch's own first line only when it is short and about the file
-        detail = f"{type(e).__name__}: {first}" if first and len(first) <= 120 and "Weights only" not in first else type(e).__name__
-        raise UserError(f"{flag} {path}: not a readable checkpoint: not a torch file, or a truncated one (torch.load: "
-                        f"{detail}); give RUN/encoder.pt or a released weights file") from None
+        detail = (
+            f"{type(e).__name__}: {first}"
+            if first and len(first) <= 120 and "Weights only" not in first
+            else type(e).__name__
+        )
+        raise UserError(
+            f"{flag} {path}: not a readable checkpoint: not a torch file, or a truncated one (torch.load: "
+            f"{detail}); give RUN/encoder.pt or a released weights file"
+        ) from None
     try:
         return models.read_pretrained(ck)
     except ValueError as e:
@@ -532,7 +638,7 @@ def load_pretrained_file(path, flag):
 # -----------------------------------------------------------------------------
 # Pre-flight: will the run fit? (memory, /dev/shm, disk), before any work
 
-GB = 2 ** 30
+GB = 2**30
 
 
 def _saved_bytes(model, x, amp, units=()):
@@ -557,11 +663,20 @@ def _saved_bytes(model, x, amp, units=()):
             if inside[0] is not None:
                 per[inside[0]] = per.get(inside[0], 0) + n
         return t
-    hooks = [h for i, u in enumerate(units) for h in (u.register_forward_pre_hook(lambda m, a, i=i: inside.__setitem__(0, i)),
-                                                       u.register_forward_hook(lambda m, a, o: inside.__setitem__(0, None)))]
+
+    hooks = [
+        h
+        for i, u in enumerate(units)
+        for h in (
+            u.register_forward_pre_hook(lambda m, a, i=i: inside.__setitem__(0, i)),
+            u.register_forward_hook(lambda m, a, o: inside.__setitem__(0, None)),
+        )
+    ]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None),
+        ):
             out = model(x)
         sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
     finally:
@@ -586,11 +701,17 @@ def estimate_memory(model, patch, batch, dtype="fp32", checkpointing=False, opti
     profiled peaks of real steps (tests/test_preflight.py); convolution workspaces of
     the GPU libraries are not counted."""
     import models
+
     device = next(model.parameters()).device
     side = models.patch_rule(model.arch)[1]
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else torch.bfloat16}.get(dtype)
-    units = [u for m in model.modules() if hasattr(m, "checkpointing")
-             for c in m.children() for u in (c if isinstance(c, torch.nn.ModuleList) else [c])]
+    units = [
+        u
+        for m in model.modules()
+        if hasattr(m, "checkpointing")
+        for c in m.children()
+        for u in (c if isinstance(c, torch.nn.ModuleList) else [c])
+    ]
     was_training = model.training
     was_ckpt = any(getattr(m, "checkpointing", False) for m in model.modules())  # the stages hold the switch
     b = 2 if model.mode == "pretrain" and model.arch == "swinunetr" else 1
@@ -608,15 +729,19 @@ def estimate_memory(model, patch, batch, dtype="fp32", checkpointing=False, opti
         model.set_checkpointing(was_ckpt)
     scale = (patch / side) ** 3 * batch / b
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    est = {"weights": 4 * sum(p.numel() for p in model.parameters()), "gradients": 4 * params,
-           "optimizer": (8 if optimizer == "adamw" else 4) * params, "fixed": fixed,
-           "activations": (kept + 2 * largest + recompute) * scale}
+    est = {
+        "weights": 4 * sum(p.numel() for p in model.parameters()),
+        "gradients": 4 * params,
+        "optimizer": (8 if optimizer == "adamw" else 4) * params,
+        "fixed": fixed,
+        "activations": (kept + 2 * largest + recompute) * scale,
+    }
     est["total"] = sum(est.values())
     return est
 
 
 def size(b):
-    return f"{b / GB:.1f} GB" if b >= GB else f"{b / 2 ** 20:.0f} MB"
+    return f"{b / GB:.1f} GB" if b >= GB else f"{b / 2**20:.0f} MB"
 
 
 def available_memory(device):
@@ -632,7 +757,7 @@ def available_memory(device):
         for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
             if os.path.exists(f):
                 limit = open(f).read().strip()
-                if limit.isdigit() and int(limit) < 2 ** 60:
+                if limit.isdigit() and int(limit) < 2**60:
                     free = min(free or int(limit), int(limit))
     except OSError:
         pass
@@ -642,11 +767,13 @@ def available_memory(device):
 def free_shm():
     """Free bytes of /dev/shm (where DataLoader workers hand their batches over), or None."""
     import shutil
+
     return shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
 
 
 def free_disk(path):
     import shutil
+
     path = path.resolve()
     while not path.exists():
         path = path.parent
@@ -688,27 +815,39 @@ def _preflight(model, a, ctx, out, sample_bytes, optimizer, other_files):
                 fits.append("--checkpointing")
         if a.patch > 64:
             small = static + est["activations"] * (64 / a.patch) ** 3
-            fits.append(f"--patch 64{'' if small < 0.9 * avail else ' --batch ' + str(max(1, int((0.9 * avail - static) // (per_sample * (64 / a.patch) ** 3))))}")
-        problems.append(f"{where}: the run needs about {est['total'] / GB:.1f} GB (activations {est['activations'] / GB:.1f} GB for "
-                        f"{a.batch} x {a.patch}^3 {a.dtype}, weights + gradients + optimiser {static / GB:.1f} GB) and "
-                        f"{avail / GB:.1f} GB are free; " + ("would fit: " + " or ".join(fits) if fits else
-                                                              "nothing at this arch fits: use a bigger machine"))
+            batch64 = max(1, int((0.9 * avail - static) // (per_sample * (64 / a.patch) ** 3)))
+            fits.append("--patch 64" + ("" if small < 0.9 * avail else f" --batch {batch64}"))
+        problems.append(
+            f"{where}: the run needs about {est['total'] / GB:.1f} GB "
+            f"(activations {est['activations'] / GB:.1f} GB for "
+            f"{a.batch} x {a.patch}^3 {a.dtype}, weights + gradients + optimiser {static / GB:.1f} GB) and "
+            f"{avail / GB:.1f} GB are free; "
+            + ("would fit: " + " or ".join(fits) if fits else "nothing at this arch fits: use a bigger machine")
+        )
     elif avail is not None and est["total"] > 0.85 * avail:
-        ctx.say(f"pre-flight: the run needs about {est['total'] / GB:.1f} GB of the {avail / GB:.1f} GB free {where}: close")
+        ctx.say(
+            f"pre-flight: the run needs about {est['total'] / GB:.1f} GB of the {avail / GB:.1f} GB free {where}: close"
+        )
     workers = a.workers if a.workers is not None else default_workers()
     shm, shm_need = free_shm(), workers * 4 * a.batch * sample_bytes  # prefetch_factor 4 batches per worker
     if workers and shm is not None and shm_need > shm:
         w = int(shm // (4 * a.batch * sample_bytes))
-        problems.append(f"/dev/shm: {workers} DataLoader workers hold about {size(shm_need)} of batches in flight and "
-                        f"{size(shm)} are free; use --workers {w} or run Docker with a larger --shm-size (e.g. 16g)")
+        problems.append(
+            f"/dev/shm: {workers} DataLoader workers hold about {size(shm_need)} of batches in flight and "
+            f"{size(shm)} are free; use --workers {w} or run Docker with a larger --shm-size (e.g. 16g)"
+        )
     # what the run writes: ckpt.pt (weights + optimiser) and encoder.pt / best.pt (weights), three of each at the
     # peak of a save (the _prev file, the current one, the new one in its temp file); less what is there already
     ckpt = est["weights"] + est["optimizer"] + est["weights"]
-    there = sum((out / n).stat().st_size for n in ("ckpt.pt", "ckpt_prev.pt", "encoder.pt", "best.pt") if (out / n).exists())
+    there = sum(
+        (out / n).stat().st_size for n in ("ckpt.pt", "ckpt_prev.pt", "encoder.pt", "best.pt") if (out / n).exists()
+    )
     disk, disk_need = free_disk(out), max(0, 3 * ckpt - there) + other_files
     if disk_need > disk:
-        problems.append(f"disk: the checkpoints need about {size(disk_need)} more on {out} and {size(disk)} are free; "
-                        "free space or choose another --out")
+        problems.append(
+            f"disk: the checkpoints need about {size(disk_need)} more on {out} and {size(disk)} are free; "
+            "free space or choose another --out"
+        )
     if problems:
         raise UserError("pre-flight: " + " | ".join(problems) + " (--no-preflight skips this check)")
 
@@ -768,7 +907,11 @@ class Interval:
         self.n += ok
         self.pending.append((step, skipped))
         now = time.perf_counter()
-        self.steps, self.wait, self.time = self.steps + 1, self.wait + self.t_data - self.tick, self.time + now - self.tick
+        self.steps, self.wait, self.time = (
+            self.steps + 1,
+            self.wait + self.t_data - self.tick,
+            self.time + now - self.tick,
+        )
         self.tick, self.parts = now, {k: v.detach() for k, v in (parts or {}).items()}
         if self.bar is not None:
             self.bar.update(1)
@@ -796,16 +939,23 @@ class Interval:
             log({"step": s, "skipped": "non-finite loss or gradients"})
             self.ctx.say(f"step {s}: non-finite loss or gradients, step skipped")
         if self.stop_at is not None:
-            raise stopped(self.stop_at, f"{self.max_bad} steps in a row had a non-finite loss or gradients "
-                          "(each was skipped: the weights are untouched)", ckpt, saved_step)
+            raise stopped(
+                self.stop_at,
+                f"{self.max_bad} steps in a row had a non-finite loss or gradients "
+                "(each was skipped: the weights are untouched)",
+                ckpt,
+                saved_step,
+            )
 
     def row(self, samples_per_step):
         """The log line of the interval (losses all-reduced), then a fresh interval."""
         loss_sum, n = all_sum(self.ctx, self.loss, self.n)
-        row = {"loss": loss_sum / n if n else None,
-               "samples_per_s": round(samples_per_step * self.steps / max(self.time, 1e-9), 2),
-               "data_wait": round(self.wait / max(self.time, 1e-9), 4),
-               "peak_gb": round(torch.cuda.max_memory_allocated(self.ctx.device) / 2 ** 30, 2) if self.ctx.cuda else None}
+        row = {
+            "loss": loss_sum / n if n else None,
+            "samples_per_s": round(samples_per_step * self.steps / max(self.time, 1e-9), 2),
+            "data_wait": round(self.wait / max(self.time, 1e-9), 4),
+            "peak_gb": round(torch.cuda.max_memory_allocated(self.ctx.device) / 2**30, 2) if self.ctx.cuda else None,
+        }
         row.update({k: float(v) for k, v in self.parts.items()})
         if self.bar is not None and row["loss"] is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
@@ -819,20 +969,28 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
     tqdm bar per epoch (rank 0) in the meter and records when the batch was ready,
     so the meter knows how long the loop waited for data."""
     from data import CaseReadError
+
     batches = iter(loader)
     meter.restart()
     while step < total:
         epoch = step // steps_per_epoch
         if meter.bar is None and not quiet and meter.ctx.master:
-            meter.bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch),
-                             initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch}", leave=False)
+            meter.bar = tqdm(
+                total=min(steps_per_epoch, total - epoch * steps_per_epoch),
+                initial=step - epoch * steps_per_epoch,
+                desc=f"epoch {epoch}",
+                leave=False,
+            )
         # sample numbers (1-D integers) stay on the host: the augmentation reads them there
         try:
             got = next(batches)
-        except CaseReadError as e:  # a file that broke after data.check_cases; from a worker the message ends the traceback
+        except (
+            CaseReadError
+        ) as e:  # a file that broke after data.check_cases; from a worker the message ends the traceback
             raise UserError(str(e).strip().splitlines()[-1].split("CaseReadError: ", 1)[-1]) from None
-        batch = [t if t.dim() == 1 and not t.is_floating_point() else t.to(meter.ctx.device, non_blocking=True)
-                 for t in got]
+        batch = [
+            t if t.dim() == 1 and not t.is_floating_point() else t.to(meter.ctx.device, non_blocking=True) for t in got
+        ]
         meter.t_data = time.perf_counter()
         yield step, epoch, batch
         step += 1
@@ -843,6 +1001,7 @@ def steps(loader, step, total, steps_per_epoch, meter, quiet=False):
 
 # -----------------------------------------------------------------------------
 # Checkpoints and logs
+
 
 def non_finite(state):
     """Names of the floating tensors of a state dict that hold inf or NaN."""
@@ -881,8 +1040,10 @@ def write_file(path, write, keep=None):
         why = write_error(e)
         if why is None:
             raise
-        raise StopRun(f"could not write {path} ({why}; {size(free_disk(path.parent))} free there); "
-                      "free space on that disk or use another --out") from None
+        raise StopRun(
+            f"could not write {path} ({why}; {size(free_disk(path.parent))} free there); "
+            "free space on that disk or use another --out"
+        ) from None
 
 
 def save_checkpoint(state, path, keep_prev=True):
@@ -894,8 +1055,10 @@ def save_checkpoint(state, path, keep_prev=True):
     and nothing is written; a full disk: StopRun, the old files intact."""
     bad = non_finite(state.get("model") or state.get("encoder"))
     if bad:
-        raise StopRun(f"the weights became non-finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
-                      f"not saved over {path}")
+        raise StopRun(
+            f"the weights became non-finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+            f"not saved over {path}"
+        )
     prev = path.with_name(path.stem + "_prev" + path.suffix) if keep_prev else None
     keep = prev if prev is not None and path.exists() and loads(path) else None
     write_file(path, lambda p: torch.save(state, p), keep=keep)
@@ -918,8 +1081,12 @@ def save_all(ctx, saves):
 
 def stopped(step, why, ckpt, saved_step):
     """The StopRun of a run that stops at `step`, naming the checkpoint to resume from."""
-    hint = (f"Resume from {ckpt} (step {saved_step}, finite weights) with --resume, adding --grad-clip 1 or --dtype fp32 "
-            "if it diverged" if saved_step is not None else "No checkpoint was written yet: start the run again")
+    hint = (
+        f"Resume from {ckpt} (step {saved_step}, finite weights) with --resume, adding --grad-clip 1 or --dtype fp32 "
+        "if it diverged"
+        if saved_step is not None
+        else "No checkpoint was written yet: start the run again"
+    )
     return StopRun(f"stopped at step {step}: {why}. {hint}")
 
 
@@ -933,8 +1100,10 @@ def open_run(out, a, ck, step, ctx):
             write_args(out / "args.json", a, ck is not None)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # a full disk: as every write of the run says it
-                raise StopRun(f"could not write {out / 'args.json'} ({e.strerror}; {size(free_disk(out))} free there); "
-                              "free space on that disk or use another --out") from None
+                raise StopRun(
+                    f"could not write {out / 'args.json'} ({e.strerror}; {size(free_disk(out))} free there); "
+                    "free space on that disk or use another --out"
+                ) from None
             raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another --out") from None
         trim_log(out / "log.jsonl", step)  # also without a checkpoint: a run killed before its first one starts anew
     return (lambda row: append_log(out / "log.jsonl", row)) if ctx.master else (lambda row: None)
@@ -950,8 +1119,9 @@ def write_args(path, a, resumed):
     if first is None:
         first = dict(vars(a), resumes=[])
     else:
-        first.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                "given": {k: getattr(a, k, None) for k in a.given}})
+        first.setdefault("resumes", []).append(
+            {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "given": {k: getattr(a, k, None) for k in a.given}}
+        )
     save_json(path, first)
 
 
@@ -977,11 +1147,14 @@ def append_log(path, row):
         with open(path, "a") as f:
             f.write(json.dumps(clean_json(row), allow_nan=False) + "\n")
     except OSError as e:
-        raise StopRun(f"could not write {path} ({e.strerror or e}; {size(free_disk(path.parent))} free there); "
-                      "free space on that disk or use another --out") from None
+        raise StopRun(
+            f"could not write {path} ({e.strerror or e}; {size(free_disk(path.parent))} free there); "
+            "free space on that disk or use another --out"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
+
 
 def run_main(prog, train, a):
     """Run train(a); exit status 0 done, 1 stopped (StopRun: one line), 2 user error
@@ -1006,12 +1179,16 @@ def run_main(prog, train, a):
         return EXIT_SIGNAL
     except OSError as e:  # a --data folder removed or unmounted under the run: the user's, not a bug
         data = getattr(a, "data", None)
-        if data is None or (os.path.exists(os.path.join(data, "dataset.json")) and os.path.exists(os.path.join(data, "images"))):
+        if data is None or (
+            os.path.exists(os.path.join(data, "dataset.json")) and os.path.exists(os.path.join(data, "images"))
+        ):
             raise
         if say:
-            print(f"{prog}: error: --data {data} disappeared during the run ({type(e).__name__}); put it back "
-                  "and continue with --resume", file=sys.stderr)
+            print(
+                f"{prog}: error: --data {data} disappeared during the run ({type(e).__name__}); put it back "
+                "and continue with --resume",
+                file=sys.stderr,
+            )
         return 2
     finally:
         teardown()
-

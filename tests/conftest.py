@@ -1,4 +1,5 @@
 """Shared fixture: a small demo dataset (raw nnU-Net layout + preprocessed), made once per session."""
+
 import pytest
 
 import preprocess

@@ -1,5 +1,6 @@
 """Launched by test_pretrain.py under torchrun: a short pretraining run, then each rank
 saves its own copy of the weights so the test can compare ranks."""
+
 import sys
 
 import torch

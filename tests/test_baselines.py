@@ -1,6 +1,7 @@
 """The baselines as their own code ran them (issue 24): each recipe's numbers against the
 reference code's, nnU-Net's augmentation rows against their formulas (batchgeneratorsv2),
 nnU-Net's sampler, and Gaussian blending + mirroring against MONAI's sliding window."""
+
 import json
 import math
 
@@ -15,26 +16,73 @@ import finetune
 import pretrain
 from training import UserError, process_batch
 
-
 # -----------------------------------------------------------------------------
 # Recipes
 
+
 def test_pretraining_recipes_are_the_reference_numbers():
     w = pretrain.get_args(["--recipe", "wald"])  # nnssl BaseMAETrainer_BS8 / AbstractTrainer
-    assert (w.mask_ratio_range, w.batch, w.batch_scope, w.patch, w.mask_token, w.lr, w.wd, w.optimizer, w.schedule,
-            w.epochs, w.steps_per_epoch, w.grad_clip, w.aug) == \
-        ([0.75, 0.75], 8, "total", 160, 16, 1e-2, 3e-5, "sgd", "poly", 1000, 250, 12.0, "wald")
+    assert (
+        w.mask_ratio_range,
+        w.batch,
+        w.batch_scope,
+        w.patch,
+        w.mask_token,
+        w.lr,
+        w.wd,
+        w.optimizer,
+        w.schedule,
+        w.epochs,
+        w.steps_per_epoch,
+        w.grad_clip,
+        w.aug,
+    ) == ([0.75, 0.75], 8, "total", 160, 16, 1e-2, 3e-5, "sgd", "poly", 1000, 250, 12.0, "wald")
     # the SparK variant's ratio stays a flag
     assert pretrain.get_args(["--recipe", "wald", "--mask-ratio-range", "0.6", "0.9"]).mask_ratio_range == [0.6, 0.9]
     t = pretrain.get_args(["--recipe", "tang"])  # main.py defaults with --lrdecay, at AMAES's 128^3 / 100 epochs
-    assert (t.lr, t.wd, t.warmup_steps, t.warmup_start, t.schedule, t.batch, t.crops_per_volume, t.batch_scope, t.dtype,
-            t.patch, t.epochs, t.grad_clip) == (4e-4, 0.1, 500, 0.0, "cosine", 4, 2, "process", "fp16", 128, 100, 0.0)
+    assert (
+        t.lr,
+        t.wd,
+        t.warmup_steps,
+        t.warmup_start,
+        t.schedule,
+        t.batch,
+        t.crops_per_volume,
+        t.batch_scope,
+        t.dtype,
+        t.patch,
+        t.epochs,
+        t.grad_clip,
+    ) == (4e-4, 0.1, 500, 0.0, "cosine", 4, 2, "process", "fp16", 128, 100, 0.0)
     b1 = pretrain.get_args(["--recipe", "bsf1"])  # BrainSegFounder pretrain/README.md: --epochs 300 --lr 5e-4
-    assert (b1.method, b1.arch, b1.lr, b1.wd, b1.schedule, b1.epochs, b1.steps, b1.patch, b1.batch, b1.crops_per_volume,
-            b1.dtype) == ("swin_ssl", "swinunetr", 5e-4, 0.1, "constant", 300, 100_000, 96, 4, 2, "fp16")
+    assert (
+        b1.method,
+        b1.arch,
+        b1.lr,
+        b1.wd,
+        b1.schedule,
+        b1.epochs,
+        b1.steps,
+        b1.patch,
+        b1.batch,
+        b1.crops_per_volume,
+        b1.dtype,
+    ) == ("swin_ssl", "swinunetr", 5e-4, 0.1, "constant", 300, 100_000, 96, 4, 2, "fp16")
     b2 = pretrain.get_args(["--recipe", "bsf2"])  # downstream/BraTS/ssl/launch.sh
-    assert (b2.method, b2.arch, b2.lr, b2.wd, b2.schedule, b2.warmup_steps, b2.epochs, b2.steps, b2.patch, b2.batch,
-            b2.crops_per_volume, b2.dtype) == ("swin_ssl", "swinunetr", 6e-6, 0.1, "cosine", 500, 100, 50_000, 96, 4, 2, "fp32")
+    assert (
+        b2.method,
+        b2.arch,
+        b2.lr,
+        b2.wd,
+        b2.schedule,
+        b2.warmup_steps,
+        b2.epochs,
+        b2.steps,
+        b2.patch,
+        b2.batch,
+        b2.crops_per_volume,
+        b2.dtype,
+    ) == ("swin_ssl", "swinunetr", 6e-6, 0.1, "cosine", 500, 100, 50_000, 96, 4, 2, "fp32")
     for r in pretrain.RECIPES:  # every recipe says how its batch counts
         assert pretrain.get_args(["--recipe", r]).batch_scope in ("process", "total")
     assert pretrain.lr_at(1234, 100_000, 0, 5e-4, schedule="constant") == 5e-4
@@ -42,20 +90,39 @@ def test_pretraining_recipes_are_the_reference_numbers():
 
 def test_finetuning_recipe_wald_is_nnssls_trainer(tmp_path):
     s = finetune.get_args(["--recipe", "wald", "--pretrained", "none"])  # from scratch: nnU-Net's 1e-2
-    assert (s.lr, s.batch, s.batch_scope, s.aug, s.sampler, s.fg_p, s.interp, s.blend, s.tta) == \
-        (1e-2, 2, "total", "nnunet", "nnunet", 0.33, "linear", "gaussian", True)
+    assert (s.lr, s.batch, s.batch_scope, s.aug, s.sampler, s.fg_p, s.interp, s.blend, s.tta) == (
+        1e-2,
+        2,
+        "total",
+        "nnunet",
+        "nnunet",
+        0.33,
+        "linear",
+        "gaussian",
+        True,
+    )
     f = tmp_path / "enc.pt"
     f.write_bytes(b"x")
     p = finetune.get_args(["--recipe", "wald", "--pretrained", str(f)])  # PretrainedTrainer: 1e-3
     assert (p.lr, p.aug, p.warmup_epochs) == (1e-3, "nnunet", 50)
     assert finetune.get_args(["--recipe", "wald", "--pretrained", "none", "--lr", "3e-3"]).lr == 3e-3
     a = finetune.get_args(["--pretrained", "none"])  # AMAES: unchanged
-    assert (a.lr, a.batch, a.batch_scope, a.aug, a.sampler, a.interp, a.blend, a.tta) == \
-        (1e-4, 8, "process", "all", "yucca", "cubic", "sum", False)
+    assert (a.lr, a.batch, a.batch_scope, a.aug, a.sampler, a.interp, a.blend, a.tta) == (
+        1e-4,
+        8,
+        "process",
+        "all",
+        "yucca",
+        "cubic",
+        "sum",
+        False,
+    )
 
 
 def test_batch_scope_and_precrop():
-    assert process_batch(8, "process", 4) == 8 and process_batch(8, "total", 4) == 2 and process_batch(8, "total", 1) == 8
+    assert (
+        process_batch(8, "process", 4) == 8 and process_batch(8, "total", 4) == 2 and process_batch(8, "total", 1) == 8
+    )
     with pytest.raises(UserError, match="--batch 8"):
         process_batch(8, "total", 3)
     # get_patch_size(patch, +-30 deg on each axis, scale 0.85): 257 for nnssl's 160
@@ -64,8 +131,25 @@ def test_batch_scope_and_precrop():
 
 def test_wald_run_records_the_batch_scope(demo, tmp_path, capsys):
     run = tmp_path / "w"
-    flags = ["--recipe", "wald", "--arch", "unet_b", "--patch", "32", "--batch", "2", "--workers", "0", "--quiet",
-             "--val-fraction", "0", "--data", str(demo / "preprocessed"), "--out", str(run)]
+    flags = [
+        "--recipe",
+        "wald",
+        "--arch",
+        "unet_b",
+        "--patch",
+        "32",
+        "--batch",
+        "2",
+        "--workers",
+        "0",
+        "--quiet",
+        "--val-fraction",
+        "0",
+        "--data",
+        str(demo / "preprocessed"),
+        "--out",
+        str(run),
+    ]
     assert pretrain.main(flags + ["--steps", "1"]) == 0
     args = json.loads((run / "args.json").read_text())
     assert (args["batch"], args["batch_scope"], args["mask_ratio_range"]) == (2, "total", [0.75, 0.75])
@@ -104,12 +188,19 @@ def test_tang_cutout_bounds_are_exclusive(monkeypatch):
 # -----------------------------------------------------------------------------
 # nnU-Net's augmentation (batchgeneratorsv2 as nnUNetTrainer.get_training_transforms sets it)
 
+
 def test_nnunet_rows_fire_at_their_rates_and_ranges():
     n, ch = 6000, 2
     draws = [data.draw_params(0, k, "nnunet", ch, (32, 32, 32)) for k in range(n)]
     rate = lambda f: sum(map(f, draws)) / n  # noqa: E731
     tol = 3.5 * math.sqrt(0.25 / n)
-    for row, p in (("nn_noise", 0.1), ("nn_brightness", 0.15), ("nn_contrast", 0.15), ("nn_gamma_invert", 0.1), ("nn_gamma", 0.3)):
+    for row, p in (
+        ("nn_noise", 0.1),
+        ("nn_brightness", 0.15),
+        ("nn_contrast", 0.15),
+        ("nn_gamma_invert", 0.1),
+        ("nn_gamma", 0.3),
+    ):
         assert rate(lambda d: row in d["intensity"]) == pytest.approx(p, abs=tol), row
     # blur 0.2 then 0.5 per channel, low resolution 0.25 then 0.5 per channel: per channel 0.1 and 0.125
     assert rate(lambda d: d["intensity"].get("nn_blur", [None] * ch)[0] is not None) == pytest.approx(0.1, abs=tol)
@@ -134,9 +225,16 @@ def test_nnunet_rows_fire_at_their_rates_and_ranges():
 
 
 def test_wald_scales_are_batchgenerators_draws():
-    sc = np.array([d["spatial"]["scale"] for d in (data.draw_params(1, k, "wald", 1, (32,) * 3) for k in range(4000))
-                   if "scale" in d["spatial"]])
-    assert sc.min() >= 0.7 and sc.max() <= 1.4 and np.mean(sc < 1) == pytest.approx(0.5, abs=0.08)  # below / above 1 with p 0.5
+    sc = np.array(
+        [
+            d["spatial"]["scale"]
+            for d in (data.draw_params(1, k, "wald", 1, (32,) * 3) for k in range(4000))
+            if "scale" in d["spatial"]
+        ]
+    )
+    assert (
+        sc.min() >= 0.7 and sc.max() <= 1.4 and np.mean(sc < 1) == pytest.approx(0.5, abs=0.08)
+    )  # below / above 1 with p 0.5
 
 
 def _bgv2_kernel(sigma):  # batchgeneratorsv2 _build_kernel, truncate 6, written out
@@ -179,7 +277,9 @@ def test_nnunet_rows_against_their_formulas():
     small = [round(n * scale) for n in x.shape[1:]]
     ref = x[0]
     for d, m in enumerate(small):
-        ref = np.take(ref, np.minimum(np.floor((np.arange(m) + 0.5) * x.shape[d + 1] / m).astype(int), x.shape[d + 1] - 1), axis=d)
+        ref = np.take(
+            ref, np.minimum(np.floor((np.arange(m) + 0.5) * x.shape[d + 1] / m).astype(int), x.shape[d + 1] - 1), axis=d
+        )
     for d, n in enumerate(x.shape[1:]):
         m = ref.shape[d]
         pos = np.clip((np.arange(n) + 0.5) * m / n - 0.5, 0, None)
@@ -211,6 +311,7 @@ def test_nnunet_rotation_and_scaling_against_batchgeneratorsv2s_affine():
         m = np.eye(3)
         m[i, i], m[i, j], m[j, i], m[j, j] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
         return m
+
     rx, ry, rz = rot(-ang[0], 1, 2), rot(-ang[1], 2, 0), rot(-ang[2], 0, 1)
     grid = np.stack(np.meshgrid(*[np.arange(p) - (p - 1) / 2 for p in patch], indexing="ij"), -1)  # (*P, 3)
     coords = grid @ (rz @ ry @ rx @ np.diag([s] * 3)).T + np.array([n / 2 - 0.5 for n in x.shape[1:]])
@@ -242,6 +343,7 @@ def test_nnunet_preset_runs_through_both_drivers(demo):
 # -----------------------------------------------------------------------------
 # nnU-Net's sampler
 
+
 @pytest.mark.parametrize("batch, forced", [(2, [1]), (8, [5, 6, 7]), (3, [2]), (12, [8, 9, 10, 11])])
 def test_nnunet_sampler_forces_the_last_third_of_each_batch(demo, batch, forced):
     ds = data.SegDataset(demo / "preprocessed", patch=32, preset="spatial", sampler="nnunet", batch=batch)
@@ -267,6 +369,7 @@ def test_nnunet_sampler_share_under_ddp_equals_one_process(demo):
 
 # -----------------------------------------------------------------------------
 # nnU-Net's predictor: Gaussian blending and mirroring
+
 
 def test_gaussian_map_is_nnunets():
     w = evaluate.gaussian_weight((16, 12, 10), "cpu").double()
@@ -314,7 +417,9 @@ def test_gaussian_blending_and_mirroring_against_monai(monkeypatch):
     with torch.no_grad():
         for tta, net in ((False, model), (True, mirrored)):
             ours = evaluate.sliding_window(model, x[0], 16, 0.5, "gaussian", tta)
-            ref = inferers.sliding_window_inference(x, (16,) * 3, 4, net, overlap=0.5, mode="gaussian", roi_weight_map=w)[0]
+            ref = inferers.sliding_window_inference(
+                x, (16,) * 3, 4, net, overlap=0.5, mode="gaussian", roi_weight_map=w
+            )[0]
             assert torch.allclose(ours, ref, atol=1e-5), tta
         assert (ours - evaluate.sliding_window(model, x[0], 16, 0.5, "sum", True) / 8).abs().max() > 1e-2  # not the sum
 
@@ -327,9 +432,32 @@ def test_evaluate_applies_the_recorded_predictor(demo, tmp_path, capsys, monkeyp
         return torch.zeros((2, *image.shape[1:]))
 
     ft = tmp_path / "ft"
-    assert finetune.main(["--recipe", "wald", "--arch", "unet_b", "--pretrained", "none", "--patch", "32", "--steps", "1",
-                          "--n-train", "2", "--workers", "0", "--quiet", "--data", str(demo / "preprocessed"),
-                          "--out", str(ft)]) == 0
+    assert (
+        finetune.main(
+            [
+                "--recipe",
+                "wald",
+                "--arch",
+                "unet_b",
+                "--pretrained",
+                "none",
+                "--patch",
+                "32",
+                "--steps",
+                "1",
+                "--n-train",
+                "2",
+                "--workers",
+                "0",
+                "--quiet",
+                "--data",
+                str(demo / "preprocessed"),
+                "--out",
+                str(ft),
+            ]
+        )
+        == 0
+    )
     ck = torch.load(ft / "ckpt.pt", weights_only=True)
     assert ck["inference"] == {"blend": "gaussian", "tta": True, "steps": "nnunet", "overlap": 0.5}
     monkeypatch.setattr(evaluate, "sliding_window", recorder)
@@ -338,8 +466,23 @@ def test_evaluate_applies_the_recorded_predictor(demo, tmp_path, capsys, monkeyp
     assert m["settings"]["blend"] == "gaussian" and m["settings"]["tta"] is True
     assert set(seen) == {("gaussian", True, "nnunet")}
     seen.clear()
-    assert evaluate.main(["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet", "--blend", "sum", "--no-tta",
-                          "--out", str(tmp_path / "e2")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--run",
+                str(ft),
+                "--data",
+                str(demo / "preprocessed"),
+                "--quiet",
+                "--blend",
+                "sum",
+                "--no-tta",
+                "--out",
+                str(tmp_path / "e2"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert m["settings"]["blend"] == "sum" and m["settings"]["tta"] is False and set(seen) == {("sum", False, "nnunet")}
     assert "--blend sum given (the run recorded gaussian)" in capsys.readouterr().out

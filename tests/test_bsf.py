@@ -1,6 +1,7 @@
 """finetune.py --recipe bsf: BrainSegFounder's BraTS finetuning as their code ran it
 (lab-smile/BrainSegFounder at c58e9e6, downstream/BraTS/finetuning/): the numbers, the
 schedule, the loss, the transforms and the predictor against the reference code and MONAI."""
+
 import json
 import math
 import shutil
@@ -48,15 +49,24 @@ class _RefScheduler(torch.optim.lr_scheduler.LRScheduler):
         if e == 0:
             return [self.warmup_start_lr] * len(self.base_lrs)
         if e < w:
-            return [g["lr"] + (b - self.warmup_start_lr) / (w - 1)
-                    for b, g in zip(self.base_lrs, self.optimizer.param_groups)]
+            return [
+                g["lr"] + (b - self.warmup_start_lr) / (w - 1)
+                for b, g in zip(self.base_lrs, self.optimizer.param_groups)
+            ]
         if e == w:
             return self.base_lrs
         if (e - 1 - m) % (2 * (m - w)) == 0:
-            return [g["lr"] + (b - self.eta_min) * (1 - math.cos(math.pi / (m - w))) / 2
-                    for b, g in zip(self.base_lrs, self.optimizer.param_groups)]
-        return [(1 + math.cos(math.pi * (e - w) / (m - w))) / (1 + math.cos(math.pi * (e - w - 1) / (m - w)))
-                * (g["lr"] - self.eta_min) + self.eta_min for g in self.optimizer.param_groups]
+            return [
+                g["lr"] + (b - self.eta_min) * (1 - math.cos(math.pi / (m - w))) / 2
+                for b, g in zip(self.base_lrs, self.optimizer.param_groups)
+            ]
+        return [
+            (1 + math.cos(math.pi * (e - w) / (m - w)))
+            / (1 + math.cos(math.pi * (e - w - 1) / (m - w)))
+            * (g["lr"] - self.eta_min)
+            + self.eta_min
+            for g in self.optimizer.param_groups
+        ]
 
 
 def test_warmup_cosine_is_their_scheduler():
@@ -97,7 +107,7 @@ def test_bsf_rows_fire_as_their_transforms():
     f = np.array([d["intensity"]["bsf_scale"] for d in draws])  # prob=1.0: every sample, one number for all channels
     o = np.array([d["intensity"]["bsf_shift"] for d in draws])
     assert f.min() >= -0.1 and f.max() <= 0.1 and abs(f.mean()) < 0.005
-    assert np.std(f) == pytest.approx(0.2 / 12 ** 0.5, rel=0.05)  # uniform, not a few values
+    assert np.std(f) == pytest.approx(0.2 / 12**0.5, rel=0.05)  # uniform, not a few values
     assert o.min() >= -0.1 and o.max() <= 0.1 and abs(o.mean()) < 0.005
     # each against MONAI's transform on its own draw
     x = torch.rand(4, 6, 7, 8)
@@ -131,7 +141,7 @@ def test_bsf_sampler_is_cropforeground_then_randspatialcrop(demo):
         # the start inside the box: the box begins floor((N - n) / 2) before the non-zero voxels
         off = [s - (int(a) - (-(-int(m) // 32) * 32 - int(m)) // 2) for s, a, m in zip(start, lo, n)]
         assert all(0 <= u <= b - 32 for u, b in zip(off, box.shape[1:])) and fg is None  # no foreground forcing
-        assert np.array_equal(img, box[:, off[0]:off[0] + 32, off[1]:off[1] + 32, off[2]:off[2] + 32]), k
+        assert np.array_equal(img, box[:, off[0] : off[0] + 32, off[1] : off[1] + 32, off[2] : off[2] + 32]), k
 
 
 class _Positional(torch.nn.Module):
@@ -164,12 +174,41 @@ def test_bsf_end_to_end_and_evaluate_reads_it(demo, tmp_path):
     ds["regions_class_order"] = [fg[-1], fg[0]]
     (data_dir / "dataset.json").write_text(json.dumps(ds))
     out = tmp_path / "ft"
-    assert finetune.main(["--recipe", "bsf", "--arch", "unet_b", "--pretrained", "none", "--patch", "32", "--steps",
-                          "2", "--n-train", "2", "--workers", "0", "--quiet", "--data", str(data_dir),
-                          "--out", str(out)]) == 0
+    assert (
+        finetune.main(
+            [
+                "--recipe",
+                "bsf",
+                "--arch",
+                "unet_b",
+                "--pretrained",
+                "none",
+                "--patch",
+                "32",
+                "--steps",
+                "2",
+                "--n-train",
+                "2",
+                "--workers",
+                "0",
+                "--quiet",
+                "--data",
+                str(data_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     args = json.loads((out / "args.json").read_text())
-    assert (args["steps_per_epoch"], args["batch"], args["dtype"], args["loss"], args["aug"], args["schedule"]) == \
-        (1, 2, "fp32", "dice", "bsf", "warmup_cosine")  # 2 cases / batch 2 = one step per epoch
+    assert (args["steps_per_epoch"], args["batch"], args["dtype"], args["loss"], args["aug"], args["schedule"]) == (
+        1,
+        2,
+        "fp32",
+        "dice",
+        "bsf",
+        "warmup_cosine",
+    )  # 2 cases / batch 2 = one step per epoch
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["n_outputs"] == 2 and ck["inference"] == {"blend": "mean", "tta": False, "steps": "yucca", "overlap": 0.6}
     assert evaluate.main(["--run", str(out), "--quiet", "--no-pictures"]) == 0

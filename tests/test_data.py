@@ -1,6 +1,7 @@
 """data.py against independent expectations: scipy / skimage for the resampling and
 the transform forms, hand counts for the geometry and the sampling, firing rates,
 the two drivers against each other, masking, determinism, splits."""
+
 import json
 
 import numpy as np
@@ -10,7 +11,16 @@ import torchio as tio
 from scipy import ndimage
 
 import data
-from data import INTENSITY_ROWS, PretrainDataset, SegDataset, StepSampler, draw_params, random_mask, select_few_shot, swin_ssl_views
+from data import (
+    INTENSITY_ROWS,
+    PretrainDataset,
+    SegDataset,
+    StepSampler,
+    draw_params,
+    random_mask,
+    select_few_shot,
+    swin_ssl_views,
+)
 
 
 def write_dataset(root, images, labels=None):
@@ -69,9 +79,19 @@ def yucca_coords(params, patch, region, key=0):
 # -----------------------------------------------------------------------------
 # Resampling and geometry
 
-@pytest.mark.parametrize("params", [{}, {"scale": 0.93}, {"scale": 1.5}, {"rotation": [20.0, 0.0, -12.0]},
-                                    {"rotation": [0.0, 25.0, 5.0], "scale": 1.08}, {"elastic": [300.0, 6.0]},
-                                    {"elastic": [250.0, 5.0], "rotation": [10.0, -5.0, 20.0], "scale": 0.95}])
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"scale": 0.93},
+        {"scale": 1.5},
+        {"rotation": [20.0, 0.0, -12.0]},
+        {"rotation": [0.0, 25.0, 5.0], "scale": 1.08},
+        {"elastic": [300.0, 6.0]},
+        {"elastic": [250.0, 5.0], "rotation": [10.0, -5.0, 20.0], "scale": 0.95},
+    ],
+)
 def test_spatial_equals_scipy_map_coordinates(params):
     """Fixed elastic / rotation / scale parameters: the kit's cubic resampling equals
     scipy's map_coordinates(order=3, mode='constant', cval=min, prefilter) at the
@@ -81,7 +101,10 @@ def test_spatial_equals_scipy_map_coordinates(params):
     patch, key = (32, 32, 32), 0x1234_5678_9ABC
     coords = yucca_coords(params, patch, vol.shape, key)
     if "elastic" in params:  # the displacement is large enough to matter
-        assert np.abs(coords - yucca_coords({k: v for k, v in params.items() if k != "elastic"}, patch, vol.shape)).max() > 1
+        assert (
+            np.abs(coords - yucca_coords({k: v for k, v in params.items() if k != "elastic"}, patch, vol.shape)).max()
+            > 1
+        )
     want = ndimage.map_coordinates(vol, coords, order=3, mode="constant", cval=vol.min())
     got, _ = data.spatial(torch.from_numpy(vol).float()[None], dict(params, _key=key), patch)
     assert np.abs(got[0].numpy() - want).max() <= 1e-4 * (vol.max() - vol.min())
@@ -97,7 +120,9 @@ def test_amaes_geometry_small_volume_centre_at_half_voxels(tmp_path):
     assert ds.region_size() == (45, 45, 45)
     vol = vol.astype(np.float16).astype(np.float64)
     padded = np.pad(vol[0], [((45 - n) // 2, 45 - n - (45 - n) // 2) for n in vol.shape[1:]], constant_values=vol.min())
-    want = ndimage.map_coordinates(padded, yucca_coords({}, (32,) * 3, (45,) * 3), order=3, mode="constant", cval=vol.min())
+    want = ndimage.map_coordinates(
+        padded, yucca_coords({}, (32,) * 3, (45,) * 3), order=3, mode="constant", cval=vol.min()
+    )
     want = np.clip(want, vol.min(), vol.max())  # pretraining clips to the input range
     k = next(k for k in range(200) if not ds.params(k)["spatial"])
     _, target, _ = ds.sample(k)
@@ -119,8 +144,8 @@ def test_crop_starts_are_uniform(tmp_path):
             if k < 3:  # the region: those starts on the long axes, the whole short axis centred and padded
                 s1, pad = int(rng.integers(50 - region + 1)), (region - 30) // 2
                 reg = ds.region(k)[1][0]
-                want = vol.astype(np.float16)[0, seen[-1]:seen[-1] + region, s1:s1 + region]
-                assert np.array_equal(reg[:, :, pad:pad + 30], want) and (reg[:, :, :pad] == reg.min()).all()
+                want = vol.astype(np.float16)[0, seen[-1] : seen[-1] + region, s1 : s1 + region]
+                assert np.array_equal(reg[:, :, pad : pad + 30], want) and (reg[:, :, :pad] == reg.min()).all()
         counts = np.bincount(seen, minlength=starts)
         assert len(counts) == starts and min(counts) > 0
         chi2 = ((counts - 1600 / starts) ** 2 / (1600 / starts)).sum()
@@ -144,26 +169,33 @@ def test_resize_equals_skimage():
 # -----------------------------------------------------------------------------
 # The recipe: firing rates, ranges and the authors' forms
 
+
 def test_firing_rates_and_ranges():
     n, ch = 3000, 2
     draws = [draw_params(0, k, "all", ch, (32, 32, 32)) for k in range(n)]
     sp = [d["spatial"] for d in draws]
     assert binomial_ok(sum("elastic" in s for s in sp), n, 0.33)
     # a rotation fires with p 0.2, then each axis with p 0.66 (none of the three: no rotation)
-    assert binomial_ok(sum("rotation" in s for s in sp), n, 0.2 * (1 - 0.34 ** 3))
+    assert binomial_ok(sum("rotation" in s for s in sp), n, 0.2 * (1 - 0.34**3))
     assert binomial_ok(sum("scale" in s for s in sp), n, 0.2)
     axes = [a for s in sp if "rotation" in s for a in s["rotation"]]
-    assert binomial_ok(sum(a != 0 for a in axes), len(axes), 0.66 / (1 - 0.34 ** 3), z=5)
+    assert binomial_ok(sum(a != 0 for a in axes), len(axes), 0.66 / (1 - 0.34**3), z=5)
     assert all(-30 <= a <= 30 for a in axes) and all(0.9 <= s["scale"] <= 1.1 for s in sp if "scale" in s)
     assert all(200 <= s["elastic"][0] <= 600 and 20 <= s["elastic"][1] <= 30 for s in sp if "elastic" in s)
     it = [d["intensity"] for d in draws]
-    per_channel = {"additive_noise": 0.2, "multiplicative_noise": 0.2, "ghosting": 0.2, "gibbs": 0.2, "bias_field": 0.33}
+    per_channel = {
+        "additive_noise": 0.2,
+        "multiplicative_noise": 0.2,
+        "ghosting": 0.2,
+        "gibbs": 0.2,
+        "bias_field": 0.33,
+    }
     for row, p in per_channel.items():  # drawn per channel, as Yucca's transforms do
         hits = sum(v is not None for d in it if row in d for v in d[row])
         assert binomial_ok(hits, n * ch, p), row
     assert binomial_ok(sum("gamma" in d for d in it), n, 0.2)
-    assert binomial_ok(sum("blur" in d for d in it), n, 0.2 * (1 - 0.5 ** ch))
-    assert binomial_ok(sum("low_resolution" in d for d in it), n, 0.2 * (1 - 0.5 ** ch))
+    assert binomial_ok(sum("blur" in d for d in it), n, 0.2 * (1 - 0.5**ch))
+    assert binomial_ok(sum("low_resolution" in d for d in it), n, 0.2 * (1 - 0.5**ch))
     for d in it:
         for a, r, axis in [v for v in d.get("ghosting", []) if v]:
             assert 0.85 <= a <= 0.95 and 2 <= r <= 10 and 0 <= axis <= 2
@@ -187,8 +219,10 @@ def test_intensity_forms_match_independent_implementations():
     assert np.allclose(data.ghosting(t.clone(), [[0.9, 3, 0]])[0].numpy(), np.abs(np.fft.ifftn(k)), atol=1e-5)
     # gibbs (drawn axis 2): keep the central 12 of 16 shifted frequencies along axis 2
     k = np.fft.fftshift(np.fft.fftn(x[0]))
-    k[:, :, :8 - 6], k[:, :, 8 + 6:] = 0, 0
-    assert np.allclose(data.gibbs(t.clone(), [[12, 2]])[0].numpy(), np.abs(np.fft.ifftn(np.fft.ifftshift(k))), atol=1e-5)
+    k[:, :, : 8 - 6], k[:, :, 8 + 6 :] = 0, 0
+    assert np.allclose(
+        data.gibbs(t.clone(), [[12, 2]])[0].numpy(), np.abs(np.fft.ifftn(np.fft.ifftshift(k))), atol=1e-5
+    )
     # bias field: x * (1 - sum (i - c)^2 / n^2)
     i = np.stack(np.meshgrid(*[np.arange(n) for n in x.shape[1:]], indexing="ij"))
     c = np.array([3, 9, 15]).reshape(3, 1, 1, 1)
@@ -196,9 +230,14 @@ def test_intensity_forms_match_independent_implementations():
     assert np.allclose(data.bias_field(t.clone(), [[3, 9, 15]])[0].numpy(), x[0] * g, atol=1e-6)
     # gamma as Yucca 1.1.7 runs it: the sample's range, epsilon 1 (its per_channel flag in that slot)
     lo, hi = x.min(), x.max()
-    assert np.allclose(data.gamma(t.clone(), [1.7, False]).numpy(), ((x - lo) / (hi - lo + 1)) ** 1.7 * (hi - lo) + lo, atol=1e-6)
-    assert np.allclose(data.gamma(t.clone(), [0.6, True]).numpy(), -((((-x) - (-hi)) / (hi - lo + 1)) ** 0.6 * (hi - lo) - hi),
-                       atol=1e-6)
+    assert np.allclose(
+        data.gamma(t.clone(), [1.7, False]).numpy(), ((x - lo) / (hi - lo + 1)) ** 1.7 * (hi - lo) + lo, atol=1e-6
+    )
+    assert np.allclose(
+        data.gamma(t.clone(), [0.6, True]).numpy(),
+        -((((-x) - (-hi)) / (hi - lo + 1)) ** 0.6 * (hi - lo) - hi),
+        atol=1e-6,
+    )
     # blur: scipy's gaussian_filter (mode reflect, truncate 4)
     assert np.allclose(data.blur(t.clone(), [0.8])[0].numpy(), ndimage.gaussian_filter(x[0], 0.8), atol=1e-6)
     # low resolution: skimage resize order 0 down, order 3 back, mode edge
@@ -208,7 +247,9 @@ def test_intensity_forms_match_independent_implementations():
     assert np.allclose(data.low_resolution(t.clone(), [[11, 18, 9]])[0].numpy(), want, atol=1e-5)
     # additive / multiplicative noise: the right spread, reproducible from the key
     a = data.additive_noise(torch.zeros(1, 40, 40, 40), [0.5], key=7)
-    assert abs(a.std().item() - 0.5) < 0.01 and torch.equal(a, data.additive_noise(torch.zeros(1, 40, 40, 40), [0.5], key=7))
+    assert abs(a.std().item() - 0.5) < 0.01 and torch.equal(
+        a, data.additive_noise(torch.zeros(1, 40, 40, 40), [0.5], key=7)
+    )
     m = data.multiplicative_noise(torch.full((1, 40, 40, 40), 2.0), [0.1], key=8)
     assert abs((m - 2).std().item() - 0.2) < 0.005
 
@@ -220,15 +261,15 @@ def test_counter_based_noise_is_the_same_numbers_everywhere():
     assert abs(n.mean().item()) < 0.02 and abs(n.std().item() - 1) < 0.02
     # the hash against its definition (Wellons' lowbias32) in plain Python integers
     # the int32 tensor version (wrapping products, masked shifts) bit for bit, over the whole 32-bit range
-    vals = [0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1] + np.random.default_rng(3).integers(0, 2 ** 32, 2000).tolist()
-    got = data._hash32(torch.tensor([v - 2 ** 32 if v >= 2 ** 31 else v for v in vals], dtype=torch.int32))
+    vals = [0, 1, 2**31 - 1, 2**31, 2**32 - 1] + np.random.default_rng(3).integers(0, 2**32, 2000).tolist()
+    got = data._hash32(torch.tensor([v - 2**32 if v >= 2**31 else v for v in vals], dtype=torch.int32))
     assert [g & 0xFFFFFFFF for g in got.tolist()] == [_lowbias32(v) for v in vals]
     # number i of a long stream, across the CPU's blocks of 2^18, equals the formula in plain integers
     key = 0x9E3779B97F4A7C15
     long = data.uniform(key, (300_000,))
-    for i in (0, 1, 2 ** 18 - 1, 2 ** 18, 299_999):
+    for i in (0, 1, 2**18 - 1, 2**18, 299_999):
         h = _lowbias32(_lowbias32(i ^ (key & 0xFFFFFFFF)) ^ (key >> 32))
-        assert long[i].item() == ((h >> 8) + 1) * 2.0 ** -24
+        assert long[i].item() == ((h >> 8) + 1) * 2.0**-24
     if torch.cuda.is_available():
         assert torch.equal(data.uniform(12345, (1000,), "cuda").cpu(), u)
 
@@ -244,6 +285,7 @@ def _lowbias32(x):  # the reference in plain Python integers
 # -----------------------------------------------------------------------------
 # Drivers: batched path and TorchIO path
 
+
 def test_batched_and_torchio_drivers_give_the_same_sample(root):
     ds = PretrainDataset(root, patch=32, preset="all", seed=4)
     ks = list(range(24))
@@ -257,15 +299,19 @@ def test_batched_and_torchio_drivers_give_the_same_sample(root):
     assert {"elastic", "rotation", "gamma", "ghosting"} & fired  # the comparison covered transformed samples
     seg = SegDataset(root, patch=32, preset="all", seed=2)
     items = [seg[k] for k in ks]
-    img, lab = data.augment_batch(seg, torch.stack([i[0] for i in items]), torch.tensor(ks), labels=torch.stack([i[1] for i in items]))
+    img, lab = data.augment_batch(
+        seg, torch.stack([i[0] for i in items]), torch.tensor(ks), labels=torch.stack([i[1] for i in items])
+    )
     for i, k in enumerate(ks):
         a, b, _ = seg.sample(k)
         assert torch.allclose(img[i], a, atol=1e-5) and torch.equal(lab[i], b)
 
 
 def test_torchio_transforms_compose_and_record_their_parameters():
-    subject = tio.Subject(t1=tio.ScalarImage(tensor=torch.rand(1, 40, 40, 40)),
-                          seg=tio.LabelMap(tensor=(torch.rand(1, 40, 40, 40) > 0.7).long()))
+    subject = tio.Subject(
+        t1=tio.ScalarImage(tensor=torch.rand(1, 40, 40, 40)),
+        seg=tio.LabelMap(tensor=(torch.rand(1, 40, 40, 40) > 0.7).long()),
+    )
     torch.manual_seed(0)
     out = data.amaes_transforms((32, 32, 32))(subject)
     assert out["t1"].shape == out["seg"].shape == (1, 32, 32, 32)
@@ -292,6 +338,7 @@ def test_target_is_before_intensity_and_none_is_a_plain_crop(root, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # Finetuning: the authors' foreground sampling, image and label on one grid
+
 
 def test_foreground_oversampling_places_the_voxel_anywhere_and_pools_classes(tmp_path):
     lab = np.zeros((60, 60, 60), np.uint8)
@@ -342,22 +389,30 @@ def test_image_and_label_share_one_grid(tmp_path):
         thr = (img[0] > 0.5).long()
         assert (thr == lab).float().mean() > 0.95
         for d in range(3):
-            eq = lambda v: (v.narrow(d, 1, 31) == v.narrow(d, 0, 31)).all(dim=[i for i in range(3) if i != d]).float().mean()  # noqa
+
+            def eq(v, d=d):  # share of neighbouring slices along axis d that are equal
+                return (
+                    (v.narrow(d, 1, 31) == v.narrow(d, 0, 31)).all(dim=[i for i in range(3) if i != d]).float().mean()
+                )
+
             same_lab.append(eq(lab).item()), same_img.append(eq(thr).item())
     assert same_lab and np.mean(same_lab) <= 1.3 * np.mean(same_img) + 0.02
     # rotation about axis 2 alone (Rz) keeps the axis-2 coordinates integers: an exact crop along it
     x = torch.from_numpy(blob[None] * 1.0).float()
-    out, lab = data.spatial(x, {"rotation": [0.0, 0.0, 17.0], "_key": 0}, (32, 32, 32), label=torch.from_numpy(blob).long())
+    out, lab = data.spatial(
+        x, {"rotation": [0.0, 0.0, 17.0], "_key": 0}, (32, 32, 32), label=torch.from_numpy(blob).long()
+    )
     coords = data.spatial_coords({"rotation": [0.0, 0.0, 17.0]}, (32, 32, 32), [23.5] * 3, 0, "cpu")
     assert torch.allclose(coords[2], coords[2].round(), atol=1e-4)
     i, j = 10, 20
     x0, y0 = [int(np.floor(coords[d, i, j, 0].item() + 0.5)) for d in range(2)]
     z0 = int(round(coords[2, i, j, 0].item()))
-    assert torch.equal(lab[i, j], torch.from_numpy(blob[x0, y0, z0:z0 + 32]).long())
+    assert torch.equal(lab[i, j], torch.from_numpy(blob[x0, y0, z0 : z0 + 32]).long())
 
 
 # -----------------------------------------------------------------------------
 # Masking, sampling order, splits, SSL views
+
 
 def test_mask_exact_and_token_aligned():
     x = torch.rand(3, 2, 32, 32, 16) + 1
@@ -380,12 +435,17 @@ def test_determinism_across_workers_ranks_and_resume(root):
     ds = PretrainDataset(root, patch=16, preset="all", seed=3, aug_on="workers")
 
     def batches(workers, rank):
-        dl = torch.utils.data.DataLoader(ds, batch_size=2, sampler=StepSampler(0, 3, 2, rank=rank, world=2), num_workers=workers)
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=2, sampler=StepSampler(0, 3, 2, rank=rank, world=2), num_workers=workers
+        )
         return [b[0] for b in dl]
+
     a, b, c = batches(0, 0), batches(2, 0), batches(0, 1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not any(torch.equal(x, y) for x, y in zip(a, c))
-    resumed = [x[0] for x in torch.utils.data.DataLoader(ds, batch_size=2, sampler=StepSampler(2, 1, 2, rank=0, world=2))]
+    resumed = [
+        x[0] for x in torch.utils.data.DataLoader(ds, batch_size=2, sampler=StepSampler(2, 1, 2, rank=0, world=2))
+    ]
     assert torch.equal(resumed[0], a[2])
 
 
@@ -416,8 +476,22 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_rows_are_the_papers():
-    assert INTENSITY_ROWS == ("additive_noise", "blur", "multiplicative_noise", "ghosting", "gibbs", "low_resolution",
-                              "bias_field", "gamma")
+    assert INTENSITY_ROWS == (
+        "additive_noise",
+        "blur",
+        "multiplicative_noise",
+        "ghosting",
+        "gibbs",
+        "low_resolution",
+        "bias_field",
+        "gamma",
+    )
     r = data.RECIPE
-    assert (r["elastic"], r["rotation"], r["rotation_axis"], r["scale"], r["bias_field"], r["gamma_invert"]) == \
-        (0.33, 0.2, 0.66, 0.2, 0.33, 0.05)
+    assert (r["elastic"], r["rotation"], r["rotation_axis"], r["scale"], r["bias_field"], r["gamma_invert"]) == (
+        0.33,
+        0.2,
+        0.66,
+        0.2,
+        0.33,
+        0.05,
+    )

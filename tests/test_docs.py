@@ -2,6 +2,7 @@
 script it is given to (or, in prose, of some script), every page of docs/ is reachable from
 README, and every relative link and #anchor resolves. The parsers are read from the scripts
 themselves (argparse), so a renamed or removed flag fails here, not in a newcomer's shell."""
+
 import argparse
 import re
 import runpy
@@ -16,8 +17,21 @@ PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 
 # Flags of other programs the pages quote: torchrun, pip, pytest, docker, SLURM, and the authors' scripts
 # (their flags are spelt with underscores or are quoted as theirs).
-FOREIGN = {"--nproc_per_node", "--nnodes", "--rdzv-endpoint", "--index-url", "--shm-size", "--signal", "--durations",
-           "--dry-run", "--lrdecay", "--noamp", "--no-cache-dir", "--upgrade"}
+FOREIGN = {
+    "--nproc_per_node",
+    "--nnodes",
+    "--rdzv-endpoint",
+    "--index-url",
+    "--shm-size",
+    "--signal",
+    "--durations",
+    "--dry-run",
+    "--lrdecay",
+    "--noamp",
+    "--no-cache-dir",
+    "--upgrade",
+    "--check",
+}
 
 
 class Captured(Exception):
@@ -39,6 +53,7 @@ def options(parser):
 @pytest.fixture(scope="module")
 def parsers(monkeypatch_module):
     """script name -> {option string: choices}, captured at parse_args (nothing runs past it)."""
+
     def capture(self, *args, **kwargs):
         raise Captured(self)
 
@@ -82,8 +97,9 @@ def test_every_flag_in_readme_and_docs_exists(parsers):
                     continue
                 if flag not in parsers[script]:
                     wrong.append(f"{page.name}: {script} has no {flag}")
-                elif parsers[script][flag] and re.fullmatch(r"[a-z][\w]*", value) \
-                        and value not in parsers[script][flag]:  # a literal choice (not a placeholder or $var)
+                elif (
+                    parsers[script][flag] and re.fullmatch(r"[a-z][\w]*", value) and value not in parsers[script][flag]
+                ):  # a literal choice (not a placeholder or $var)
                     wrong.append(f"{page.name}: {script} {flag} has no choice {value}")
         for flag in set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text)):
             if flag not in kit and flag not in FOREIGN and "_" not in flag:

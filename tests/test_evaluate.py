@@ -1,4 +1,5 @@
 """evaluate.py: metrics against hand-computed values, sliding-window exactness."""
+
 import math
 
 import numpy as np
@@ -51,9 +52,17 @@ def test_hd95_in_mm_with_anisotropic_spacing():
 
 
 def test_summary_uses_nanmean_and_counts():
-    rows = [{"case": c, "metrics": {"1": dict.fromkeys(evaluate.METRICS, v)}} for c, v in (("a", 0.5), ("b", float("nan")), ("c", 1.0))]
+    rows = [
+        {"case": c, "metrics": {"1": dict.fromkeys(evaluate.METRICS, v)}}
+        for c, v in (("a", 0.5), ("b", float("nan")), ("c", 1.0))
+    ]
     s = evaluate.summarise(rows, [1])["1"]["dice"]
-    assert s["mean"] == pytest.approx(0.75) and s["n"] == 2 and s["nan_excluded"] == 1 and s["median"] == pytest.approx(0.75)
+    assert (
+        s["mean"] == pytest.approx(0.75)
+        and s["n"] == 2
+        and s["nan_excluded"] == 1
+        and s["median"] == pytest.approx(0.75)
+    )
 
 
 def test_window_starts_are_yuccas():
@@ -69,6 +78,7 @@ def test_window_starts_are_yuccas():
 
 def test_sliding_window_equals_one_forward_when_the_window_covers_the_volume():
     from models import build_model
+
     torch.manual_seed(0)
     model = build_model("unet_b", 1, 3).eval()
     x = torch.rand(1, 32, 32, 32)
@@ -102,7 +112,7 @@ def test_stitching_is_exact_for_a_pointwise_model(blend, tta):
     for i in steps[0]:
         for j in steps[1]:
             for k in steps[2]:
-                count[i:i + patch[0], j:j + patch[1], k:k + patch[2]] += 1
+                count[i : i + patch[0], j : j + patch[1], k : k + patch[2]] += 1
     with torch.no_grad():
         want = conv(x[None])[0] * (count if blend == "sum" else 1)
     assert count.min() >= 1 and count.max() > 1
@@ -122,21 +132,29 @@ def test_native_mapping_resizes_logits_then_argmaxes():
     """On a 0.7 x 1 x 2.6 mm case stored LPS: preprocess.native_argmax equals an independent
     implementation (scipy zoom of each logit map to the cropped box, order 1, then
     argmax, un-crop, undo the reorientation with nibabel) on >= 99.5 % of voxels."""
-    from scipy import ndimage
     import nibabel as nib
+    from scipy import ndimage
+
     import preprocess
+
     rng = np.random.default_rng(0)
     shape, spacing = (50, 36, 16), (0.7, 1.0, 2.6)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    data = ((g ** 2).sum(0) < 0.8) * rng.uniform(100, 200, shape)
+    data = ((g**2).sum(0) < 0.8) * rng.uniform(100, 200, shape)
     aff = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # L, P, S
     image, _, meta = preprocess.preprocess_arrays([data.astype(np.float32)], aff)
-    logits = torch.from_numpy(ndimage.gaussian_filter(rng.standard_normal((3, *image.shape[1:])), (0, 2, 2, 2)).astype(np.float32))
+    logits = torch.from_numpy(
+        ndimage.gaussian_filter(rng.standard_normal((3, *image.shape[1:])), (0, 2, 2, 2)).astype(np.float32)
+    )
     got = preprocess.native_argmax(logits, meta, chunk=5)
     box = meta["crop_box"]
     size = [b - a for a, b in box]
-    zoomed = np.stack([ndimage.zoom(c, np.array(size) / np.array(c.shape), order=1, mode="nearest", grid_mode=True)
-                       for c in logits.numpy()])
+    zoomed = np.stack(
+        [
+            ndimage.zoom(c, np.array(size) / np.array(c.shape), order=1, mode="nearest", grid_mode=True)
+            for c in logits.numpy()
+        ]
+    )
     full = np.zeros(meta["ras_shape"], np.uint8)
     full[tuple(slice(a, b) for a, b in box)] = zoomed.argmax(0)
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.io_orientation(aff))

@@ -2,6 +2,7 @@
 size limit, kill -9, a truncated file), never a mocked library call: SIGTERM saves the
 step reached and exits 3; one run per folder; a full disk is one line with the old
 checkpoint intact; nothing a killed process left survives the next start."""
+
 import json
 import os
 import signal
@@ -26,14 +27,16 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 def launch(*argv, module=None):
     """A script (or `python -c` code) in its own session, so a test can signal its whole process group."""
     cmd = [sys.executable, *map(str, argv)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def script(*argv, timeout=300):
     """Run a script to its end (same environment as launch)."""
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def wait_for(pred, proc=None, timeout=180):
@@ -76,12 +79,23 @@ def losses(run):
 # -----------------------------------------------------------------------------
 # Signals
 
+
 def test_sigterm_saves_the_step_reached_and_resume_equals_a_straight_run(demo, tmp_path):
     """SIGTERM to the process group, as a scheduler sends it: the DataLoader worker
     leaves it to the main process, which saves the step reached."""
     data = demo / "preprocessed"
-    args = [x if x != "0" else "1" for x in TINY] + ["--data", data, "--steps", "8", "--steps-per-epoch", "100",
-                                                     "--val-fraction", "0", "--ckpt-every", "1000"]
+    args = [x if x != "0" else "1" for x in TINY] + [
+        "--data",
+        data,
+        "--steps",
+        "8",
+        "--steps-per-epoch",
+        "100",
+        "--val-fraction",
+        "0",
+        "--ckpt-every",
+        "1000",
+    ]
     run = tmp_path / "stopped"
     p = launch(ROOT / "pretrain.py", *args, "--out", run)
     wait_for(lambda: len(logged(run)) >= 3, p)
@@ -104,8 +118,22 @@ def test_ctrl_c_to_the_process_group_with_workers_and_finetune_epoch_checkpoints
     """Ctrl-C reaches the DataLoader workers too: they ignore it, the main process
     saves the step reached. finetune.py checkpoints each epoch end."""
     run = tmp_path / "ft"
-    args = [x if x != "0" else "1" for x in TINY] + ["--data", demo / "preprocessed", "--pretrained", "none",
-                        "--n-train", "2", "--steps", "40", "--steps-per-epoch", "2", "--ckpt-every", "1000", "--out", run]
+    args = [x if x != "0" else "1" for x in TINY] + [
+        "--data",
+        demo / "preprocessed",
+        "--pretrained",
+        "none",
+        "--n-train",
+        "2",
+        "--steps",
+        "40",
+        "--steps-per-epoch",
+        "2",
+        "--ckpt-every",
+        "1000",
+        "--out",
+        run,
+    ]
     p = launch(ROOT / "finetune.py", *args)
     wait_for(lambda: (run / "ckpt.pt").exists() and len(logged(run)) >= 3, p)
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] % 2 == 0  # an epoch end, not --ckpt-every
@@ -116,13 +144,24 @@ def test_ctrl_c_to_the_process_group_with_workers_and_finetune_epoch_checkpoints
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_two_processes(demo, tmp_path):
     """SIGTERM to the whole job (a scheduler signals torchrun and its workers; torchrun
     forwards it too): both ranks stop at the same step, rank 0 saves it and says so
     once; each worker exits 3 (torchrun itself exits 1 whatever its workers' codes)."""
     run = tmp_path / "ddp"
-    args = TINY + ["--data", demo / "preprocessed", "--steps", "12", "--steps-per-epoch", "100", "--val-fraction", "0",
-                   "--out", run]
+    args = TINY + [
+        "--data",
+        demo / "preprocessed",
+        "--steps",
+        "12",
+        "--steps-per-epoch",
+        "100",
+        "--val-fraction",
+        "0",
+        "--out",
+        run,
+    ]
     p = launch("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", ROOT / "pretrain.py", *args)
     wait_for(lambda: len(logged(run)) >= 2, p)
     os.killpg(p.pid, signal.SIGTERM)
@@ -133,14 +172,27 @@ def test_sigterm_under_torchrun_two_processes(demo, tmp_path):
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     assert ck["step"] == step < 12 and ck["world"] == 2
     assert logged(run)[-1] == {"step": step, "stopped": "SIGTERM"}
-    assert "pretrain.py\", line" not in err and "training.py\", line" not in err  # no traceback of ours (torchrun prints its own)
+    assert (
+        'pretrain.py", line' not in err and 'training.py", line' not in err
+    )  # no traceback of ours (torchrun prints its own)
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_workers_reports_exit_3(demo, tmp_path):
     """A signal to the workers alone: torchrun reports each worker's exit code 3."""
     run = tmp_path / "ddp"
-    args = TINY + ["--data", demo / "preprocessed", "--steps", "8", "--steps-per-epoch", "100", "--val-fraction", "0",
-                   "--out", run]
+    args = TINY + [
+        "--data",
+        demo / "preprocessed",
+        "--steps",
+        "8",
+        "--steps-per-epoch",
+        "100",
+        "--val-fraction",
+        "0",
+        "--out",
+        run,
+    ]
     p = launch("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542", ROOT / "pretrain.py", *args)
     wait_for(lambda: len(logged(run)) >= 2, p)
     for pid in children(p.pid):
@@ -150,9 +202,25 @@ def test_sigterm_to_torchrun_workers_reports_exit_3(demo, tmp_path):
     step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
     assert logged(run)[-1] == {"step": step, "stopped": "SIGTERM"}
     # resumed under torchrun, it finishes
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
-                        str(ROOT / "pretrain.py"), "--out", str(run), "--resume", "--quiet"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29543",
+            str(ROOT / "pretrain.py"),
+            "--out",
+            str(run),
+            "--resume",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 8
 
@@ -174,10 +242,23 @@ def children(pid):
 # -----------------------------------------------------------------------------
 # One run per folder
 
+
 def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(demo, tmp_path, capsys):
     run = tmp_path / "run"
-    args = TINY + ["--data", demo / "preprocessed", "--steps", "8", "--steps-per-epoch", "100", "--val-fraction", "0",
-                   "--ckpt-every", "3", "--out", run]
+    args = TINY + [
+        "--data",
+        demo / "preprocessed",
+        "--steps",
+        "8",
+        "--steps-per-epoch",
+        "100",
+        "--val-fraction",
+        "0",
+        "--ckpt-every",
+        "3",
+        "--out",
+        run,
+    ]
     p = launch(ROOT / "pretrain.py", *args)
     wait_for(lambda: (run / "ckpt.pt").exists(), p)
     # a second run (README's rerun with --resume) and an evaluation into the folder in use: one line, exit 2
@@ -217,16 +298,35 @@ sys.exit(pretrain.main(sys.argv[1:]))
 @pytest.mark.parametrize("during", ["checkpoint", "sample"])
 def test_full_disk_for_real(demo, tmp_path, during):
     run = tmp_path / "run"
-    val = ["--val-fraction", "0.2"] if during == "sample" else ["--val-fraction", "0"]  # samples are written at validation
-    r = script("-c", LIMITED, *TINY, "--data", demo / "preprocessed", "--steps", "4", "--steps-per-epoch", "2", *val,
-               "--out", run)
+    val = (
+        ["--val-fraction", "0.2"] if during == "sample" else ["--val-fraction", "0"]
+    )  # samples are written at validation
+    r = script(
+        "-c",
+        LIMITED,
+        *TINY,
+        "--data",
+        demo / "preprocessed",
+        "--steps",
+        "4",
+        "--steps-per-epoch",
+        "2",
+        *val,
+        "--out",
+        run,
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     said = lines(r.stderr)
     assert len(said) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     # torch.save's zip writer reports the failed write as "unexpected pos", gzip's write as EFBIG
-    name, why = ("ckpt.pt", "the write failed: torch.save says unexpected pos") if during == "checkpoint" else \
-        ("samples/step0000004_input.nii.gz", "File too large")
-    assert f"could not write {run / name} ({why}" in said[0] and " free there); free space on that disk" in said[0], said
+    name, why = (
+        ("ckpt.pt", "the write failed: torch.save says unexpected pos")
+        if during == "checkpoint"
+        else ("samples/step0000004_input.nii.gz", "File too large")
+    )
+    assert f"could not write {run / name} ({why}" in said[0] and " free there); free space on that disk" in said[0], (
+        said
+    )
     assert "stopped at step 4" in said[0] and f"Resume from {run / 'ckpt.pt'} (step 2" in said[0]
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2  # the previous checkpoint, intact
     assert not list(run.rglob(".*.tmp"))  # no temporary file left
@@ -235,16 +335,31 @@ def test_full_disk_for_real(demo, tmp_path, during):
 # -----------------------------------------------------------------------------
 # kill -9 in the middle of a save
 
+
 def test_kill_9_during_a_save(demo, tmp_path):
     run = tmp_path / "run"
-    args = TINY + ["--data", demo / "preprocessed", "--steps", "4", "--steps-per-epoch", "100", "--val-fraction", "0",
-                   "--ckpt-every", "1", "--out", run]
+    args = TINY + [
+        "--data",
+        demo / "preprocessed",
+        "--steps",
+        "4",
+        "--steps-per-epoch",
+        "100",
+        "--val-fraction",
+        "0",
+        "--ckpt-every",
+        "1",
+        "--out",
+        run,
+    ]
     p = launch(ROOT / "pretrain.py", *args)
     wait_for(lambda: (run / "ckpt.pt").exists() and list(run.glob(".ckpt.pt.*.tmp")), p)  # the second save under way
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert list(run.glob(".*.tmp"))  # what the kill left
-    assert training.loads(run / "ckpt.pt") and (not (run / "ckpt_prev.pt").exists() or training.loads(run / "ckpt_prev.pt"))
+    assert training.loads(run / "ckpt.pt") and (
+        not (run / "ckpt_prev.pt").exists() or training.loads(run / "ckpt_prev.pt")
+    )
     assert pretrain.main(["--out", str(run), "--resume", "--quiet"]) == 0
     assert not list(run.rglob(".*.tmp"))
     assert training.loads(run / "ckpt_prev.pt") and torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
@@ -257,7 +372,7 @@ def test_a_cut_ckpt_is_never_rotated_over_the_good_previous(tmp_path):
     training.save_checkpoint(good, tmp_path / "ckpt.pt")
     training.save_checkpoint(dict(good, step=2), tmp_path / "ckpt.pt")
     data = (tmp_path / "ckpt.pt").read_bytes()
-    (tmp_path / "ckpt.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])
     path, ck = training.find_checkpoint(tmp_path)
     assert path.name == "ckpt_prev.pt" and ck["step"] == 1
     training.save_checkpoint(dict(good, step=3), tmp_path / "ckpt.pt")
@@ -268,14 +383,19 @@ def test_a_cut_ckpt_is_never_rotated_over_the_good_previous(tmp_path):
 # -----------------------------------------------------------------------------
 # Data faults
 
+
 def test_a_truncated_npy_is_named_before_the_first_step(demo, tmp_path, capsys):
     import shutil
+
     import preprocess
+
     pre = tmp_path / "pre"
     shutil.copytree(demo / "preprocessed", pre)
-    case = sorted(c["case"] for c in json.loads((pre / "dataset.json").read_text())["cases"] if c["split"] == "train")[1]
+    case = sorted(c["case"] for c in json.loads((pre / "dataset.json").read_text())["cases"] if c["split"] == "train")[
+        1
+    ]
     f = pre / "images" / f"{case}.npy"
-    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])  # a copy cut short
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a copy cut short
     run = tmp_path / "ft"
     args = TINY + ["--data", str(pre), "--pretrained", "none", "--n-train", "all", "--steps", "2", "--out", str(run)]
     assert finetune.main(args) == 2
@@ -286,7 +406,9 @@ def test_a_truncated_npy_is_named_before_the_first_step(demo, tmp_path, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(finetune.data, "check_cases", lambda *a, **k: None)
         one_worker = [x if x != "0" else "1" for x in args[:-4]]  # without --steps 2 --out
-        assert finetune.main(one_worker + ["--steps", "3", "--out", str(tmp_path / "ft2")]) == 2  # 6 samples: every case
+        assert (
+            finetune.main(one_worker + ["--steps", "3", "--out", str(tmp_path / "ft2")]) == 2
+        )  # 6 samples: every case
     err = capsys.readouterr().err
     assert len(lines(err)) == 1 and f"{f} cannot be read" in err and "Traceback" not in err, err
     # as the line says: preprocessing again redoes that case (and only it), then the run starts
@@ -297,13 +419,32 @@ def test_a_truncated_npy_is_named_before_the_first_step(demo, tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # evaluate.py
 
-HOLD = "import sys, time, training; training.lock_folder(sys.argv[1], 'evaluation'); print('held', flush=True); time.sleep(120)"
+HOLD = (
+    "import sys, time, training; training.lock_folder(sys.argv[1], 'evaluation'); "
+    "print('held', flush=True); time.sleep(120)"
+)
 
 
 def test_evaluate_killed_midway_redoes_only_the_missing_cases(demo, tmp_path, capsys):
     ft = tmp_path / "ft"
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--n-train", "2", "--steps", "1",
-                                 "--out", str(ft)]) == 0
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                "none",
+                "--n-train",
+                "2",
+                "--steps",
+                "1",
+                "--out",
+                str(ft),
+            ]
+        )
+        == 0
+    )
     base = ["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet"]
     ev = ft / "eval"
     assert evaluate.main(base) == 0 and (ev / "metrics.json").exists()
@@ -335,6 +476,7 @@ def test_evaluate_killed_midway_redoes_only_the_missing_cases(demo, tmp_path, ca
 # -----------------------------------------------------------------------------
 # No process outlives its run
 
+
 def alive(pid):
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
@@ -343,7 +485,9 @@ def alive(pid):
 
 
 def test_kill_9_of_preprocess_leaves_no_worker(demo, tmp_path):
-    p = launch(ROOT / "preprocess.py", "--input", demo / "raw", "--output", tmp_path / "pre", "--workers", "2", "--quiet")
+    p = launch(
+        ROOT / "preprocess.py", "--input", demo / "raw", "--output", tmp_path / "pre", "--workers", "2", "--quiet"
+    )
     wait_for(lambda: len(children(p.pid)) >= 2, p, timeout=60)
     workers = children(p.pid)
     os.kill(p.pid, signal.SIGKILL)
@@ -361,7 +505,9 @@ def test_preflight_disk_need_counts_the_checkpoints_already_there(tmp_path, monk
     """A save's peak is three checkpoints (_prev, current, new); on resume those on disk
     count, so a folder with room for one more is not refused."""
     from types import SimpleNamespace
+
     import models
+
     model = models.build_model("unet_b", in_channels=1, mode="pretrain")
     a = SimpleNamespace(no_preflight=False, patch=32, batch=2, dtype="fp32", checkpointing=False, workers=0)
     ctx = SimpleNamespace(device=torch.device("cpu"), cuda=False, world=1, say=print)

@@ -1,4 +1,5 @@
 """finetune.py and the chain pretrain -> finetune -> evaluate on the demo data."""
+
 import json
 import math
 import shutil
@@ -26,8 +27,19 @@ def encoder(demo, tmp_path_factory):
 
 def test_paper_defaults():
     a = finetune.get_args(["--pretrained", "none"])
-    assert (a.epochs, a.steps_per_epoch, a.batch, a.patch, a.lr, a.wd, a.t_max, a.eta_min, a.fg_p, a.loss, a.n_train) == \
-        (500, 100, 8, 128, 1e-4, 3e-5, 575, 1e-9, 0.33, "dice_ce", "20")
+    assert (
+        a.epochs,
+        a.steps_per_epoch,
+        a.batch,
+        a.patch,
+        a.lr,
+        a.wd,
+        a.t_max,
+        a.eta_min,
+        a.fg_p,
+        a.loss,
+        a.n_train,
+    ) == (500, 100, 8, 128, 1e-4, 3e-5, 575, 1e-9, 0.33, "dice_ce", "20")
     assert a.aug == "all"  # from scratch: the full recipe
     a.lr = 1e-4
     assert finetune.lr_at(0, 100, 500, 50000, a) == pytest.approx(1e-4)
@@ -53,15 +65,35 @@ def test_seg_loss():
 
 def test_chain_predictions_in_native_space(demo, encoder, tmp_path, capsys):
     ft = tmp_path / "ft"
-    args = TINY + ["--data", str(demo / "preprocessed"), "--pretrained", str(encoder), "--n-train", "3",
-                   "--val-cases", "1", "--steps", "4", "--steps-per-epoch", "2", "--val-every", "1", "--out", str(ft)]
+    args = TINY + [
+        "--data",
+        str(demo / "preprocessed"),
+        "--pretrained",
+        str(encoder),
+        "--n-train",
+        "3",
+        "--val-cases",
+        "1",
+        "--steps",
+        "4",
+        "--steps-per-epoch",
+        "2",
+        "--val-every",
+        "1",
+        "--out",
+        str(ft),
+    ]
     assert finetune.main(args) == 0
     said = capsys.readouterr().out
     n_enc = len(torch.load(encoder, weights_only=True)["encoder"])
     assert f"{n_enc} encoder tensors loaded" in said and "decoder" in said and "freshly initialised" in said
     cases = json.loads((ft / "cases.json").read_text())
     assert len(cases["train"]) == 3 and len(cases["val"]) == 1 and not set(cases["val"]) & set(cases["train"])
-    test_cases = [c["case"] for c in json.loads((demo / "preprocessed" / "dataset.json").read_text())["cases"] if c["split"] == "test"]
+    test_cases = [
+        c["case"]
+        for c in json.loads((demo / "preprocessed" / "dataset.json").read_text())["cases"]
+        if c["split"] == "test"
+    ]
     assert not set(cases["val"]) & set(test_cases)
     assert (ft / "best.pt").exists() and any("val_dice" in ln for ln in (ft / "log.jsonl").read_text().splitlines())
 
@@ -79,9 +111,13 @@ def test_chain_predictions_in_native_space(demo, encoder, tmp_path, capsys):
         assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1}
         # the authors' evaluator (amaes src/evaluator.py process_case) on the files, with sklearn as theirs
         from sklearn.metrics import confusion_matrix
+
         gt = nib.load(demo / "raw" / "labelsTr" / f"{case}.nii.gz")
-        cm = confusion_matrix(np.around(gt.get_fdata().flatten()).astype(int),
-                              np.around(pred.get_fdata().flatten()).astype(int), labels=[0, 1])
+        cm = confusion_matrix(
+            np.around(gt.get_fdata().flatten()).astype(int),
+            np.around(pred.get_fdata().flatten()).astype(int),
+            labels=[0, 1],
+        )
         tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
         with np.errstate(invalid="ignore"):
             per_case[case] = round(2 * tp / (2 * tp + fp + fn), 4)
@@ -89,8 +125,22 @@ def test_chain_predictions_in_native_space(demo, encoder, tmp_path, capsys):
         assert r["metrics"]["1"]["dice"] == per_case[r["case"]] == r["metrics"]["all"]["dice"]
     with np.errstate(all="ignore"):
         assert m["summary"]["1"]["dice"]["mean"] == round(np.nanmean(list(per_case.values())), 4)
-    assert evaluate.main(["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet", "--metrics", "challenge",
-                          "--out", str(tmp_path / "challenge")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--run",
+                str(ft),
+                "--data",
+                str(demo / "preprocessed"),
+                "--quiet",
+                "--metrics",
+                "challenge",
+                "--out",
+                str(tmp_path / "challenge"),
+            ]
+        )
+        == 0
+    )
     assert "lesion" in json.loads((tmp_path / "challenge" / "metrics.json").read_text())["summary"]  # by name
 
     # raw scans that were never preprocessed
@@ -109,7 +159,9 @@ def test_chain_predictions_in_native_space(demo, encoder, tmp_path, capsys):
 
 def test_transfer_is_exact_and_bad_encoders_are_named(demo, encoder, tmp_path, capsys):
     base = TINY + ["--data", str(demo / "preprocessed"), "--n-train", "2", "--val-cases", "0", "--steps", "1"]
-    model = finetune.train(finetune.get_args(base + ["--pretrained", str(encoder), "--lr", "0", "--out", str(tmp_path / "a")]))
+    model = finetune.train(
+        finetune.get_args(base + ["--pretrained", str(encoder), "--lr", "0", "--out", str(tmp_path / "a")])
+    )
     enc = torch.load(encoder, weights_only=True)["encoder"]
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in enc.items())
     assert finetune.main(base + ["--arch", "unet_xl", "--pretrained", str(encoder), "--out", str(tmp_path / "b")]) == 2
@@ -127,8 +179,24 @@ def test_transfer_is_exact_and_bad_encoders_are_named(demo, encoder, tmp_path, c
 
 
 def test_resume_is_exact(demo, encoder, tmp_path, monkeypatch):
-    args = TINY + ["--data", str(demo / "preprocessed"), "--pretrained", str(encoder), "--n-train", "3", "--val-cases", "1",
-                   "--steps", "6", "--steps-per-epoch", "2", "--val-every", "2", "--ckpt-every", "3"]
+    args = TINY + [
+        "--data",
+        str(demo / "preprocessed"),
+        "--pretrained",
+        str(encoder),
+        "--n-train",
+        "3",
+        "--val-cases",
+        "1",
+        "--steps",
+        "6",
+        "--steps-per-epoch",
+        "2",
+        "--val-every",
+        "2",
+        "--ckpt-every",
+        "3",
+    ]
     assert finetune.main(args + ["--out", str(tmp_path / "straight")]) == 0
     save = training.save_checkpoint
 
@@ -136,6 +204,7 @@ def test_resume_is_exact(demo, encoder, tmp_path, monkeypatch):
         save(obj, path, keep_prev)
         if path.name == "ckpt.pt" and obj["step"] == 3:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(training, "save_checkpoint", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args + ["--out", str(tmp_path / "split")])
@@ -144,14 +213,21 @@ def test_resume_is_exact(demo, encoder, tmp_path, monkeypatch):
 
     def log(run):
         return [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
-    strip = [{k: v for k, v in r.items() if k not in ("samples_per_s", "data_wait")} for r in log(tmp_path / "straight")]
-    assert strip == [{k: v for k, v in r.items() if k not in ("samples_per_s", "data_wait")} for r in log(tmp_path / "split")]
+
+    strip = [
+        {k: v for k, v in r.items() if k not in ("samples_per_s", "data_wait")} for r in log(tmp_path / "straight")
+    ]
+    assert strip == [
+        {k: v for k, v in r.items() if k not in ("samples_per_s", "data_wait")} for r in log(tmp_path / "split")
+    ]
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_default_run_reads_only_its_n_labelled_cases_and_evaluates_the_last_weights(demo, tmp_path, monkeypatch, capsys):
+def test_default_run_reads_only_its_n_labelled_cases_and_evaluates_the_last_weights(
+    demo, tmp_path, monkeypatch, capsys
+):
     """The paper's protocol: --n-train 3 reads the labels of exactly those 3 cases (no
     validation cases, no best.pt), cases.json says so, and evaluate.py uses ckpt.pt."""
     read = []
@@ -160,10 +236,27 @@ def test_default_run_reads_only_its_n_labelled_cases_and_evaluates_the_last_weig
     def tracing(path, *args, **kwargs):
         read.append(Path(path))
         return real(path, *args, **kwargs)
+
     monkeypatch.setattr(np, "load", tracing)
     ft = tmp_path / "ft"
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--n-train", "3",
-                                 "--steps", "4", "--out", str(ft)]) == 0
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                "none",
+                "--n-train",
+                "3",
+                "--steps",
+                "4",
+                "--out",
+                str(ft),
+            ]
+        )
+        == 0
+    )
     monkeypatch.undo()
     cases = json.loads((ft / "cases.json").read_text())
     assert len(cases["train"]) == 3 and cases["val"] == [] and cases["labelled_cases_read"] == cases["train"]

@@ -1,6 +1,7 @@
 """What a user's mistakes get (issue 25): each mistake is made here and its outcome
 asserted -- the exit code, the one line, what is on disk, nothing lost, the right
 dataset scored. Tiny runs on the session's demo data."""
+
 import json
 import shutil
 import subprocess
@@ -35,8 +36,24 @@ def one_line(err):
 def ft(demo, tmp_path_factory):
     """A 2-step finetune run on the demo data, in a folder whose name has a space."""
     run = tmp_path_factory.mktemp("mistakes") / "my runs" / "ft"
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--n-train", "2",
-                                 "--steps", "2", "--out", str(run)]) == 0
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                "none",
+                "--n-train",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -61,11 +78,16 @@ def copy_dataset(demo, dst, drop=None):
 # -----------------------------------------------------------------------------
 # Defaults that could point at the wrong thing read it from the run
 
+
 def test_evaluate_scores_the_runs_own_dataset_without_data(demo, ft, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no demo/preprocessed here: the old default would have failed or scored another one
     assert evaluate.main(["--run", str(ft), "--quiet"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("evaluate.py: run ") and str(ft / "ckpt.pt") in out[0] and str(demo / "preprocessed") in out[0]
+    assert (
+        out[0].startswith("evaluate.py: run ")
+        and str(ft / "ckpt.pt") in out[0]
+        and str(demo / "preprocessed") in out[0]
+    )
     m = json.loads((ft / "eval" / "metrics.json").read_text())
     assert m["data"] == str((demo / "preprocessed").resolve()) and len(m["cases"]) == 2
 
@@ -84,14 +106,32 @@ def test_training_scripts_name_run_and_data_first(demo, ft, pre, tmp_path, capsy
     assert finetune.main(["--out", str(ft), "--resume"]) == 0  # finished: says so, after naming what it works on
     out = capsys.readouterr().out
     assert f"finetune.py: run {ft} (resumed at step 2), data {demo / 'preprocessed'}" in out
-    assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(tmp_path / "p"), "--steps", "1"]) == 0
+    assert (
+        pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(tmp_path / "p"), "--steps", "1"]) == 0
+    )
     assert f"pretrain.py: run {tmp_path / 'p'} (new), data {demo / 'preprocessed'}" in capsys.readouterr().out
 
 
 def test_next_command_quotes_a_path_with_spaces(demo, tmp_path, capsys):
     run = tmp_path / "a b" / "ft"
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--n-train", "2",
-                                 "--steps", "1", "--out", str(run)]) == 0
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                "none",
+                "--n-train",
+                "2",
+                "--steps",
+                "1",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     nxt = capsys.readouterr().out.split("next: ")[1].strip()
     assert nxt == f"python evaluate.py --run '{run}'"
     assert json.loads((run / "cases.json").read_text())["n_train"] == 2  # a number, not "2"
@@ -100,24 +140,50 @@ def test_next_command_quotes_a_path_with_spaces(demo, tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # --report: one row per configuration, a run counted once
 
+
 def write_eval(folder, dice, **fields):
     d = folder / "eval"
     d.mkdir(parents=True)
-    m = {"dataset": "Demo", "metric_set": "authors", "arch": "unet_b", "pretrained": "runs/pre/encoder.pt",
-         "summary": {"all": {"dice": {"mean": dice}}}, **fields}
+    m = {
+        "dataset": "Demo",
+        "metric_set": "authors",
+        "arch": "unet_b",
+        "pretrained": "runs/pre/encoder.pt",
+        "summary": {"all": {"dice": {"mean": dice}}},
+        **fields,
+    }
     (d / "metrics.json").write_text(json.dumps(m))
     return folder
 
 
 def test_report_keeps_configurations_apart_and_counts_a_run_once(tmp_path, capsys):
     a = write_eval(tmp_path / "s0", 0.8, pretrained_file="/abs/runs/pre/encoder.pt", train_args={"lr": 1e-4, "seed": 0})
-    b = write_eval(tmp_path / "s1", 0.6, pretrained="./runs/pre/encoder.pt", pretrained_file="/abs/runs/pre/encoder.pt",
-                   train_args={"lr": 1e-4, "seed": 1})  # the same file named another way: the same configuration
+    b = write_eval(
+        tmp_path / "s1",
+        0.6,
+        pretrained="./runs/pre/encoder.pt",
+        pretrained_file="/abs/runs/pre/encoder.pt",
+        train_args={"lr": 1e-4, "seed": 1},
+    )  # the same file named another way: the same configuration
     c = write_eval(tmp_path / "s2", 0.1, pretrained_file="/abs/runs/pre/encoder.pt", train_args={"lr": 1e-2, "seed": 2})
     d = write_eval(tmp_path / "other_enc", 0.3, pretrained_file="/abs/runs/mae/encoder.pt", train_args={"lr": 1e-4})
     (tmp_path / "alias").symlink_to(a)  # the same run given twice, by two names
-    assert evaluate.main(["--report", str(a), str(a / "eval"), str(tmp_path / "alias"), str(b), str(c), str(d),
-                          "--out", str(tmp_path / "rep")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--report",
+                str(a),
+                str(a / "eval"),
+                str(tmp_path / "alias"),
+                str(b),
+                str(c),
+                str(d),
+                "--out",
+                str(tmp_path / "rep"),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     rows = list(__import__("csv").DictReader(open(tmp_path / "rep" / "report.csv")))
     by = {(r["from"], r["differs_in"]): r for r in rows}
@@ -149,10 +215,29 @@ def test_report_says_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
 # -----------------------------------------------------------------------------
 # Impossible or trimmed requests are refused in one line
 
+
 def test_val_cases_beyond_what_is_left(demo, tmp_path, capsys):
     out = tmp_path / "ft"  # 6 train cases: 5-shot leaves 1
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--n-train", "5",
-                                 "--val-cases", "3", "--steps", "1", "--out", str(out)]) == 2
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                "none",
+                "--n-train",
+                "5",
+                "--val-cases",
+                "3",
+                "--steps",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     line = one_line(capsys.readouterr().err)
     assert line.startswith("finetune.py: error: --val-cases 3: only 1 train case(s) are left after --n-train 5 of 6")
     assert not out.exists()
@@ -192,11 +277,28 @@ def test_a_non_finite_volume_is_named_before_the_first_step(demo, tmp_path, caps
     assert pretrain.main(TINY + ["--data", str(bad), "--out", str(tmp_path / "p"), "--steps", "1"]) == 2
     line = one_line(capsys.readouterr().err)
     assert "holds NaN or inf" in line and case in line and not (tmp_path / "p" / "ckpt.pt").exists()
-    assert finetune.main(TINY + ["--data", str(bad), "--pretrained", "none", "--n-train", "all", "--steps", "1",
-                                 "--out", str(tmp_path / "f")]) == 2
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(bad),
+                "--pretrained",
+                "none",
+                "--n-train",
+                "all",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 2
+    )
     assert case in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_a_non_finite_volume_in_a_distributed_run(demo, tmp_path):
     """Each process checks its share; the one that finds the case tells all, so both stop."""
     bad = copy_dataset(demo, tmp_path / "bad")
@@ -205,8 +307,11 @@ def test_a_non_finite_volume_in_a_distributed_run(demo, tmp_path):
     x = np.load(bad / "images" / f"{case}.npy")
     x[0, 5, 5, 5] = np.inf
     np.save(bad / "images" / f"{case}.npy", x)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "pretrain.py"] + \
-        TINY + ["--data", str(bad), "--out", str(tmp_path / "p"), "--steps", "1"]
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "pretrain.py"]
+        + TINY
+        + ["--data", str(bad), "--out", str(tmp_path / "p"), "--steps", "1"]
+    )
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     said = [ln for ln in r.stderr.splitlines() if ln.startswith("pretrain.py: error:")]  # rank 0 alone says it
@@ -217,19 +322,44 @@ def test_a_non_finite_volume_in_a_distributed_run(demo, tmp_path):
 # -----------------------------------------------------------------------------
 # User errors: one line, exit 2
 
+
 def test_read_only_output_folder(demo, ft, tmp_path, monkeypatch, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()
     real = preprocess.os.access
-    monkeypatch.setattr(preprocess.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))  # root writes anyway
-    for script, call in (("pretrain.py", lambda: pretrain.main(TINY + ["--data", str(demo / "preprocessed"),
-                                                                        "--out", str(ro / "run"), "--steps", "1"])),
-                         ("finetune.py", lambda: finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained",
-                                                                        "none", "--out", str(ro / "run"), "--steps", "1"])),
-                         ("evaluate.py", lambda: evaluate.main(["--run", str(ft), "--out", str(ro / "eval"), "--quiet"])),
-                         ("preprocess.py", lambda: preprocess.main(["--input", str(demo / "raw"), "--output", str(ro / "p"),
-                                                                    "--quiet"])),
-                         ("evaluate.py", lambda: evaluate.main(["--report", str(ft), "--out", str(ro / "rep")]))):
+    monkeypatch.setattr(
+        preprocess.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode)
+    )  # root writes anyway
+    for script, call in (
+        (
+            "pretrain.py",
+            lambda: pretrain.main(
+                TINY + ["--data", str(demo / "preprocessed"), "--out", str(ro / "run"), "--steps", "1"]
+            ),
+        ),
+        (
+            "finetune.py",
+            lambda: finetune.main(
+                TINY
+                + [
+                    "--data",
+                    str(demo / "preprocessed"),
+                    "--pretrained",
+                    "none",
+                    "--out",
+                    str(ro / "run"),
+                    "--steps",
+                    "1",
+                ]
+            ),
+        ),
+        ("evaluate.py", lambda: evaluate.main(["--run", str(ft), "--out", str(ro / "eval"), "--quiet"])),
+        (
+            "preprocess.py",
+            lambda: preprocess.main(["--input", str(demo / "raw"), "--output", str(ro / "p"), "--quiet"]),
+        ),
+        ("evaluate.py", lambda: evaluate.main(["--report", str(ft), "--out", str(ro / "rep")])),
+    ):
         assert call() == 2, script
         line = one_line(capsys.readouterr().err)
         assert line.startswith(f"{script}: error: --out") or line.startswith(f"{script}: error: --output"), line
@@ -237,8 +367,12 @@ def test_read_only_output_folder(demo, ft, tmp_path, monkeypatch, capsys):
     assert list(ro.iterdir()) == []
     # a write refused later (a read-only mount seen only when writing): still one line
     monkeypatch.undo()
-    monkeypatch.setattr(training, "save_json", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
-    assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(tmp_path / "r2"), "--steps", "1"]) == 2
+    monkeypatch.setattr(
+        training, "save_json", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+    )
+    assert (
+        pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(tmp_path / "r2"), "--steps", "1"]) == 2
+    )
     assert "cannot write there (Permission denied)" in one_line(capsys.readouterr().err)
 
 
@@ -263,17 +397,28 @@ def test_resume_a_run_of_the_other_script(ft, pre, capsys):
 
 
 def models_convert(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "models.py", "convert", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "models.py", "convert", *map(str, args)], cwd=cwd, capture_output=True, text=True
+    )
 
 
 def test_models_convert_mistakes(pre, tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("not a checkpoint\n")
     r = models_convert(junk, tmp_path / "enc.pt")
-    assert r.returncode == 2 and "not a torch checkpoint" in one_line(r.stderr) and r.stderr.startswith("models.py: error:")
+    assert (
+        r.returncode == 2
+        and "not a torch checkpoint" in one_line(r.stderr)
+        and r.stderr.startswith("models.py: error:")
+    )
     r = models_convert(pre / "encoder.pt", tmp_path / "missing" / "enc.pt")
     line = one_line(r.stderr)
-    assert r.returncode == 2 and "does not exist" in line and str(tmp_path / "missing") in line and "encoder.pt:" not in line
+    assert (
+        r.returncode == 2
+        and "does not exist" in line
+        and str(tmp_path / "missing") in line
+        and "encoder.pt:" not in line
+    )
     r = models_convert(pre / "encoder.pt", tmp_path / "enc.pt")  # and the right way round still works
     assert r.returncode == 0 and (tmp_path / "enc.pt").exists(), r.stderr
     r = subprocess.run([sys.executable, "models.py", "convrt", "a", "b"], cwd=ROOT, capture_output=True, text=True)
@@ -287,16 +432,38 @@ def test_data_folder_that_disappears(demo, tmp_path, monkeypatch, capsys):
     def vanish(self, k):  # the folder is removed (or unmounted) while the run reads it
         shutil.rmtree(gone, ignore_errors=True)
         return read(self, k)
+
     monkeypatch.setattr(data.SegDataset, "__getitem__", vanish)
-    assert finetune.main(TINY + ["--data", str(gone), "--pretrained", "none", "--n-train", "2", "--steps", "2",
-                                 "--out", str(tmp_path / "ft")]) == 2
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(gone),
+                "--pretrained",
+                "none",
+                "--n-train",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "ft"),
+            ]
+        )
+        == 2
+    )
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"finetune.py: error: --data {gone} disappeared during the run") and "--resume" in line
 
 
 def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys):
-    for main, argv in ((pretrain.main, ["--arch", "nope"]), (finetune.main, ["--batch", "x"]),
-                       (evaluate.main, ["--run"]), (preprocess.main, ["--bogus"]), (bench.main, ["models", "--patch", "8"])):
+    for main, argv in (
+        (pretrain.main, ["--arch", "nope"]),
+        (finetune.main, ["--batch", "x"]),
+        (evaluate.main, ["--run"]),
+        (preprocess.main, ["--bogus"]),
+        (bench.main, ["models", "--patch", "8"]),
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -307,11 +474,26 @@ def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys):
 # -----------------------------------------------------------------------------
 # Misleading lines
 
+
 def test_a_random_file_as_pretrained(demo, tmp_path, capsys):
     junk = tmp_path / "random.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(3000))
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", str(junk), "--n-train", "2",
-                                 "--out", str(tmp_path / "f")]) == 2
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                str(junk),
+                "--n-train",
+                "2",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 2
+    )
     line = one_line(capsys.readouterr().err)
     assert "not a readable checkpoint" in line and "PyTorch 2.6" not in line and line.endswith("released weights file")
 
@@ -324,8 +506,14 @@ def test_a_label_on_a_shifted_affine(demo, tmp_path):
     shifted = tmp_path / case.name
     nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj), aff), shifted)
     img = demo / "raw" / "imagesTr" / case.name.replace(".nii.gz", "_0000.nii.gz")
-    c = {"case": "x", "files": [str(img)], "label": str(shifted), "split": "train", "root": str(demo / "raw"),
-         "transpose": [0, 1, 2]}
+    c = {
+        "case": "x",
+        "files": [str(img)],
+        "label": str(shifted),
+        "split": "train",
+        "root": str(demo / "raw"),
+        "transpose": [0, 1, 2],
+    }
     with pytest.raises(preprocess.CaseError) as e:
         preprocess.process_case(c, tmp_path / "out", None)
     assert "the image's shape but another affine" in str(e.value) and "has shape" not in str(e.value)
@@ -352,10 +540,15 @@ def test_evaluate_a_pretraining_run(pre, capsys):
 # -----------------------------------------------------------------------------
 # args.json keeps the first invocation
 
+
 def test_args_json_keeps_the_first_invocation_and_appends_resumes(demo, tmp_path):
     run = tmp_path / "p"
-    assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "2",
-                                 "--ckpt-every", "1"]) == 0
+    assert (
+        pretrain.main(
+            TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "2", "--ckpt-every", "1"]
+        )
+        == 0
+    )
     first = json.loads((run / "args.json").read_text())
     assert first["workers"] == 0 and first["resumes"] == []
     assert pretrain.main(["--out", str(run), "--resume", "--quiet", "--workers", "1", "--grad-clip", "3"]) == 0
@@ -367,6 +560,7 @@ def test_args_json_keeps_the_first_invocation_and_appends_resumes(demo, tmp_path
 
 # -----------------------------------------------------------------------------
 # Smaller things
+
 
 def test_smaller_things():
     assert any(ln.startswith("scipy") for ln in (ROOT / "requirements.txt").read_text().splitlines())

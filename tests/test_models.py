@@ -1,4 +1,5 @@
 """models.py: exact parameter counts (the published architectures), shapes, transfer, copyability."""
+
 import ast
 import pathlib
 
@@ -30,6 +31,7 @@ def small_input(arch, cin=1, batch=1):
 
 def test_models_py_imports_only_torch_and_stdlib():
     import sys
+
     tree = ast.parse((ROOT / "models.py").read_text())
     roots = set()
     for n in ast.walk(tree):
@@ -234,11 +236,15 @@ def test_initialisation_is_torch_default(arch):
     a = sqrt(5) gives weights U(-b, b), b = 1 / sqrt(fan_in), so std 1 / sqrt(3 fan_in),
     and biases U(-b, b) -- not He-normal with zero biases."""
     m = get(arch, "seg")
-    convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv3d) and c.weight[0].numel() >= 27 and c.weight.numel() > 5000]
+    convs = [
+        c
+        for c in m.modules()
+        if isinstance(c, torch.nn.Conv3d) and c.weight[0].numel() >= 27 and c.weight.numel() > 5000
+    ]
     assert convs
     for c in convs[:6]:
         fan_in = c.weight[0].numel()
         assert c.weight.std().item() == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.1), c
-        assert c.weight.abs().max().item() <= 1 / fan_in ** 0.5 + 1e-7
+        assert c.weight.abs().max().item() <= 1 / fan_in**0.5 + 1e-7
         if c.bias is not None:
-            assert c.bias.abs().max().item() > 0 and c.bias.abs().max().item() <= 1 / fan_in ** 0.5 + 1e-7
+            assert c.bias.abs().max().item() > 0 and c.bias.abs().max().item() <= 1 / fan_in**0.5 + 1e-7

@@ -1,4 +1,5 @@
 """pictures.py and the pictures each stage writes, read back with SimpleITK (not our writer)."""
+
 import ast
 import json
 from html.parser import HTMLParser
@@ -38,8 +39,12 @@ def edge(mask):
 
 def test_only_numpy_and_the_standard_library():
     tree = ast.parse((ROOT / "pictures.py").read_text())
-    mods = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
-            if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])}
+    mods = {
+        n.module if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in getattr(n, "names", [])
+    }
     assert {m.split(".")[0] for m in mods} <= {"html", "json", "math", "os", "struct", "zlib", "pathlib", "numpy"}
 
 
@@ -68,9 +73,9 @@ def test_a_bright_voxel_of_the_phantom_lands_on_its_pixel(demo, tmp_path):
     # (row, column) of the voxel in each view: rot90 puts voxel (a, b) of a slice at (n_b - 1 - b, a)
     where = [(Z - 1 - v[2], v[1]), (Z - 1 - v[2], v[0]), (Y - 1 - v[1], v[0])]  # sagittal, coronal, axial
     for (y, x), (r, c), (h, w) in zip([o[0] for o in origins], where, [(Z, Y), (Z, X), (Y, X)]):
-        panel = got[y:y + h * k, x:x + w * k]
+        panel = got[y : y + h * k, x : x + w * k]
         assert panel[r * k + k // 2, c * k + k // 2] == 255
-        assert (panel[r * k:(r + 1) * k, c * k:(c + 1) * k] == 255).all()
+        assert (panel[r * k : (r + 1) * k, c * k : (c + 1) * k] == 255).all()
     assert got.shape[1] == 2 + 1 * (max(Y, X) * k + 2)
 
 
@@ -78,7 +83,10 @@ def test_outlines_lie_on_the_boundaries_and_nowhere_else(tmp_path):
     rng = np.random.default_rng(1)
     g = np.stack(np.meshgrid(*[np.arange(n) for n in (30, 26, 22)], indexing="ij"))
     ref = ((g - np.array([14, 12, 10])[:, None, None, None]) ** 2).sum(0) < 36
-    col = (lambda *v: np.array(v)[:, None, None, None])
+
+    def col(*v):
+        return np.array(v)[:, None, None, None]
+
     pred = ((g - col(16, 12, 11)) ** 2 / col(1, 2, 1)).sum(0) < 30
     image = rng.uniform(0, 1, ref.shape).astype(np.float32)
     img, origins, centre = pictures.outline_picture(image, [(ref, pictures.GREEN), (pred, pictures.RED)])
@@ -89,7 +97,7 @@ def test_outlines_lie_on_the_boundaries_and_nowhere_else(tmp_path):
     k = pictures.auto_zoom(ref.shape)
     for (y, x), r, p in zip(origins[0], pictures.ortho(ref, centre), pictures.ortho(pred, centre)):
         h, w = r.shape
-        panel = got[y:y + h * k, x:x + w * k]
+        panel = got[y : y + h * k, x : x + w * k]
         assert np.array_equal(panel, panel[::k, ::k].repeat(k, 0).repeat(k, 1))  # nearest zoom: whole voxels
         px = panel[::k, ::k]
         yellow = colour_mask(px, pictures.YELLOW)
@@ -101,21 +109,26 @@ def test_outlines_lie_on_the_boundaries_and_nowhere_else(tmp_path):
 @pytest.mark.parametrize("preset", ["all", "wald", "nnunet"])
 def test_show_has_one_panel_per_row_that_differs_from_the_original(demo, tmp_path, preset):
     out = tmp_path / "show.png"
-    assert data.main(["--show", str(demo / "preprocessed"), "--out", str(out), "--patch", "32",
-                      "--preset", preset]) == 0
+    assert (
+        data.main(["--show", str(demo / "preprocessed"), "--out", str(out), "--patch", "32", "--preset", preset]) == 0
+    )
     img, origins, names, _ = data.show(demo / "preprocessed", preset, patch=32)
     got = read_png(out)
     assert np.array_equal(got, img)
     rows = data.preset_rows(preset)
-    want = {"all": ["elastic", "rotation", "scale", *data.INTENSITY_ROWS], "wald": ["rotation", "scale", "mirror"],
-            "nnunet": ["rotation", "scale", "mirror", *data.NNUNET_ROWS]}[preset]
+    want = {
+        "all": ["elastic", "rotation", "scale", *data.INTENSITY_ROWS],
+        "wald": ["rotation", "scale", "mirror"],
+        "nnunet": ["rotation", "scale", "mirror", *data.NNUNET_ROWS],
+    }[preset]
     assert rows == want and names[1:-1] == rows and names[0].startswith("original") and names[-1].startswith("mask")
     assert len(origins) == len(rows) + 2 and all(len(o) == 4 for o in origins)
     n = 32 * pictures.auto_zoom((32,) * 3)
 
     def block(r, c):
         y, x = origins[r][c]
-        return got[y:y + n, x:x + n]
+        return got[y : y + n, x : x + n]
+
     assert not block(0, 3).any()  # the original does not differ from itself
     for r in range(1, len(origins)):
         assert block(r, 3).any(), names[r]  # where the row changed the image
@@ -165,8 +178,26 @@ class Page(HTMLParser):
 @pytest.fixture(scope="module")
 def evaluated(demo, tmp_path_factory):
     ft = tmp_path_factory.mktemp("ft") / "run"
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--out", str(ft),
-                                 "--n-train", "2", "--steps", "2", "--steps-per-epoch", "1"]) == 0
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                "none",
+                "--out",
+                str(ft),
+                "--n-train",
+                "2",
+                "--steps",
+                "2",
+                "--steps-per-epoch",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert evaluate.main(["--run", str(ft), "--data", str(demo / "preprocessed"), "--quiet"]) == 0
     return ft
 
@@ -190,15 +221,18 @@ def test_evaluation_pictures_show_the_saved_prediction_and_label(evaluated, demo
         side = np.array([zooms[list(ornt[:, 0].astype(int)).index(d)] for d in range(3)])
         stretch = tuple(int(max(1, min(8, round(s / side.min())))) for s in side)
         got = read_png(evaluated / "eval" / "pictures" / f"{row['case']}.png")
-        want, origins, centre = pictures.outline_picture(ras[0], [(ras[1], pictures.GREEN), (ras[2], pictures.RED)],
-                                                         title=f"{row['case']} dice {evaluate.case_dice(row):.3f}",
-                                                         stretch=stretch)
+        want, origins, centre = pictures.outline_picture(
+            ras[0],
+            [(ras[1], pictures.GREEN), (ras[2], pictures.RED)],
+            title=f"{row['case']} dice {evaluate.case_dice(row):.3f}",
+            stretch=stretch,
+        )
         assert np.array_equal(got, want)
         assert centre == pictures.largest(ras[1] | ras[2])
         k = pictures.auto_zoom([n * s for n, s in zip(ras[0].shape, stretch)])
         views = zip(origins[0], pictures.ortho(ras[1], centre, stretch), pictures.ortho(ras[2], centre, stretch))
         for (y, x), r, p in views:
-            px = got[y:y + r.shape[0] * k:k, x:x + r.shape[1] * k:k]
+            px = got[y : y + r.shape[0] * k : k, x : x + r.shape[1] * k : k]
             yellow = colour_mask(px, pictures.YELLOW)
             assert np.array_equal(colour_mask(px, pictures.GREEN) | yellow, edge(r))
             assert np.array_equal(colour_mask(px, pictures.RED) | yellow, edge(p))
@@ -231,30 +265,81 @@ def test_report_page_and_no_pictures(evaluated, demo, tmp_path):
     regions = json.loads((evaluated / "eval" / "metrics.json").read_text())["summary"]
     assert len(page.tables[0]) == 1 + len(regions)  # header, then one row per label / region of the one configuration
     out = tmp_path / "quiet"
-    assert evaluate.main(["--run", str(evaluated), "--data", str(demo / "preprocessed"), "--quiet", "--no-pictures",
-                          "--out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--run",
+                str(evaluated),
+                "--data",
+                str(demo / "preprocessed"),
+                "--quiet",
+                "--no-pictures",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "metrics.json").exists() and not (out / "index.html").exists() and not (out / "pictures").exists()
 
 
 def test_pretrain_writes_the_validation_picture(demo, tmp_path):
     run = tmp_path / "run"
-    assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "2",
-                                 "--steps-per-epoch", "2"]) == 0
+    assert (
+        pretrain.main(
+            TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "2", "--steps-per-epoch", "2"]
+        )
+        == 0
+    )
     img = read_png(run / "samples" / "step0000002.png")
     k = pictures.auto_zoom((32,) * 3)
     assert img.shape == (pictures.CHAR_H + 2 + 3 * (pictures.CHAR_H + 32 * k + 2) + 2, 2 + 4 * (32 * k + 2), 3)
     assert read_png(run / "progress.png").shape[1] == 480
     quiet = tmp_path / "quiet"
-    assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(quiet), "--steps", "2",
-                                 "--steps-per-epoch", "2", "--no-pictures"]) == 0
+    assert (
+        pretrain.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--out",
+                str(quiet),
+                "--steps",
+                "2",
+                "--steps-per-epoch",
+                "2",
+                "--no-pictures",
+            ]
+        )
+        == 0
+    )
     assert not list(quiet.rglob("*.png")) and list((quiet / "samples").glob("*.nii.gz"))
 
 
 def test_a_picture_that_cannot_be_written_does_not_stop_the_run(demo, tmp_path, monkeypatch, capsys):
     def full(path, data):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(pictures, "write_atomic", full)
     run = tmp_path / "run"
-    assert finetune.main(TINY + ["--data", str(demo / "preprocessed"), "--pretrained", "none", "--out", str(run),
-                                 "--n-train", "2", "--steps", "2", "--steps-per-epoch", "1"]) == 0
+    assert (
+        finetune.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--pretrained",
+                "none",
+                "--out",
+                str(run),
+                "--n-train",
+                "2",
+                "--steps",
+                "2",
+                "--steps-per-epoch",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "progress.png not written" in capsys.readouterr().out and (run / "ckpt.pt").exists()

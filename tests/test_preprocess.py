@@ -1,4 +1,5 @@
 """preprocess.py: geometry, round trip, intensity recipe, bad inputs, resume, demo."""
+
 import hashlib
 import json
 import subprocess
@@ -23,7 +24,7 @@ def head(shape=(30, 34, 26), seed=0):
     """Zero air around an ellipsoid of textured tissue: an easy brain stand-in."""
     rng = np.random.default_rng(seed)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    inside = (g ** 2).sum(0) < 0.7
+    inside = (g**2).sum(0) < 0.7
     return (inside * rng.uniform(100, 500, shape)).astype(np.float32)
 
 
@@ -63,6 +64,7 @@ def test_orientation_and_spacing(codes, spacing):
     def world(idx_pre):  # preprocessed voxel -> native RAS voxel -> mm
         native = [a + (i + 0.5) * (b - a) / n - 0.5 for i, (a, b), n in zip(idx_pre, box, label.shape)]
         return nib.affines.apply_affine(ras, native)
+
     before = nib.affines.apply_affine(aff, np.argwhere(lab).mean(0))
     assert np.allclose(before, world(np.argwhere(label).mean(0)), atol=0.6)
     if spacing == (1.0, 1.0, 1.0):  # a pure permutation: voxel-exact
@@ -71,14 +73,18 @@ def test_orientation_and_spacing(codes, spacing):
         assert np.array_equal(full, np.asanyarray(ref.dataobj))
 
 
-@pytest.mark.parametrize("codes,spacing", [(("L", "P", "S"), (1.0, 1.0, 2.0)), (("A", "S", "R"), (2.0, 1.0, 1.0)),
-                                           (("R", "A", "S"), (1.0, 1.0, 1.0))])
+@pytest.mark.parametrize(
+    "codes,spacing",
+    [(("L", "P", "S"), (1.0, 1.0, 2.0)), (("A", "S", "R"), (2.0, 1.0, 1.0)), (("R", "A", "S"), (1.0, 1.0, 1.0))],
+)
 def test_sidecar_round_trip_of_a_label(codes, spacing):
     """Tolerance: exact wherever the 1 mm grid holds the original voxel centres, which
     is the case for these spacings (1 and 2 mm); we require 100 %."""
     data = head(seed=1)
     rng = np.random.default_rng(2)
-    lab = ((data > 0) & (rng.random(data.shape) < 0.3)).astype(np.uint8) * rng.integers(1, 4, data.shape).astype(np.uint8)
+    lab = ((data > 0) & (rng.random(data.shape) < 0.3)).astype(np.uint8) * rng.integers(1, 4, data.shape).astype(
+        np.uint8
+    )
     aff = affine_for(codes, spacing)
     _, label, meta = pp.preprocess_arrays([data], aff, lab)
     back = pp.to_native(label, meta)
@@ -129,7 +135,9 @@ def test_intensity_recipe():
     assert np.allclose(x, (z - s["z_min"]) / (s["z_max"] - s["z_min"]), atol=1e-3)
     # cropped to the head's bounding box
     nz = np.argwhere(data > 0)
-    assert meta["crop_box"] == [[int(a), min(int(b) + 2, n)] for a, b, n in zip(nz.min(0), nz.max(0), meta["ras_shape"])]
+    assert meta["crop_box"] == [
+        [int(a), min(int(b) + 2, n)] for a, b, n in zip(nz.min(0), nz.max(0), meta["ras_shape"])
+    ]
 
 
 def sha(path):
@@ -144,7 +152,9 @@ def make_dataset(root, n_good=3):
         lab = np.zeros(d.shape, np.uint8)
         lab[12:16, 12:16, 10:13] = 1
         save(root / "labelsTr" / f"good{i}.nii.gz", lab, aff)
-    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1}}))
+    (root / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1}})
+    )
 
 
 def add_bad_cases(root):
@@ -189,8 +199,9 @@ def add_bad_cases(root):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "preprocess.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "preprocess.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_bad_inputs_are_named_and_skipped(tmp_path):
@@ -256,13 +267,16 @@ def test_unlabelled_folder_with_4d_split(tmp_path):
     assert not (out / "labels").exists()
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--input", "/nonexistent/raw", "--output", "x"], "--input /nonexistent/raw: no such folder"),
-    (["--input", "{raw}", "--output", "{raw}/out"], "is inside --input"),
-    (["--demo", "d", "--input", "{raw}"], "do not combine"),
-    (["--input", "{raw}", "--output", "o", "--workers", "0"], "--workers must be >= 1"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--input", "/nonexistent/raw", "--output", "x"], "--input /nonexistent/raw: no such folder"),
+        (["--input", "{raw}", "--output", "{raw}/out"], "is inside --input"),
+        (["--demo", "d", "--input", "{raw}"], "do not combine"),
+        (["--input", "{raw}", "--output", "o", "--workers", "0"], "--workers must be >= 1"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_bad_flags(tmp_path, args, words):
     (tmp_path / "raw").mkdir()
     r = run_cli(*[a.replace("{raw}", str(tmp_path / "raw")) for a in args])

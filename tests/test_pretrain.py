@@ -1,4 +1,5 @@
 """pretrain.py: schedule, learning, exact resume, DDP on CPU, methods, --init, bad input."""
+
 import json
 import math
 import os
@@ -44,7 +45,9 @@ def test_loss_decreases_and_outputs(demo, tmp_path):
     assert {"step", "loss", "lr", "samples_per_s", "data_wait", "peak_gb"} <= set(rows[0])
     assert any("val_loss" in r for r in rows)
     enc = torch.load(run / "encoder.pt", weights_only=True)
-    assert enc["arch"] == "unet_b" and set(enc["encoder"]) == set(build_model("unet_b", mode="pretrain").encoder.state_dict())
+    assert enc["arch"] == "unet_b" and set(enc["encoder"]) == set(
+        build_model("unet_b", mode="pretrain").encoder.state_dict()
+    )
     names = sorted(p.name for p in (run / "samples").iterdir())
     assert any(n.endswith("_reconstruction.nii.gz") for n in names) and any(n.endswith("_input.nii.gz") for n in names)
     assert json.loads((run / "args.json").read_text())["steps"] == 30
@@ -62,6 +65,7 @@ def test_resume_is_exact(demo, tmp_path, monkeypatch):
         save(obj, path, keep_prev)
         if path.name == "encoder.pt" and obj["step"] == 4:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(training, "save_checkpoint", killed_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(args + ["--out", str(tmp_path / "split")])
@@ -76,10 +80,21 @@ def test_resume_is_exact(demo, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(demo, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(ROOT / "tests" / "ddp_worker.py")] + TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "3"]
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            str(ROOT / "tests" / "ddp_worker.py"),
+        ]
+        + TINY
+        + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "3"]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -96,8 +111,12 @@ def test_mae_and_init(demo, tmp_path):
     base = TINY + ["--data", str(demo / "preprocessed"), "--steps", "2"]
     assert pretrain.main(base + ["--method", "mae", "--out", str(tmp_path / "mae")]) == 0
     assert json.loads((tmp_path / "mae" / "args.json").read_text())["aug"] == "none"
-    assert pretrain.main(base + ["--init", str(tmp_path / "mae" / "encoder.pt"), "--out", str(tmp_path / "init"),
-                                 "--lr", "0"]) == 0
+    assert (
+        pretrain.main(
+            base + ["--init", str(tmp_path / "mae" / "encoder.pt"), "--out", str(tmp_path / "init"), "--lr", "0"]
+        )
+        == 0
+    )
     # lr 0: the encoder is exactly the one it started from
     a = torch.load(tmp_path / "mae" / "encoder.pt", weights_only=True)["encoder"]
     b = torch.load(tmp_path / "init" / "encoder.pt", weights_only=True)["encoder"]
@@ -118,7 +137,9 @@ def test_init_reinitialises_what_does_not_fit(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(training.UserError, match="bad.pt"):
         training.load_pretrained_file(tmp_path / "bad.pt", "--init")
-    torch.save({"arch": "unet_xl", "encoder": build_model("unet_xl", mode="pretrain").encoder.state_dict()}, tmp_path / "xl.pt")
+    torch.save(
+        {"arch": "unet_xl", "encoder": build_model("unet_xl", mode="pretrain").encoder.state_dict()}, tmp_path / "xl.pt"
+    )
     assert pretrain.main(["--init", str(tmp_path / "xl.pt"), "--arch", "unet_b", "--out", str(tmp_path / "r")]) == 2
 
 
@@ -142,19 +163,41 @@ def test_nt_xent_prefers_matching_views():
 
 
 def test_swin_ssl_run(demo, tmp_path):
-    args = ["--arch", "swinunetr", "--method", "swin_ssl", "--patch", "64", "--batch", "1", "--workers", "0", "--quiet",
-            "--steps", "1", "--log-every", "1", "--data", str(demo / "preprocessed"), "--out", str(tmp_path / "ssl")]
+    args = [
+        "--arch",
+        "swinunetr",
+        "--method",
+        "swin_ssl",
+        "--patch",
+        "64",
+        "--batch",
+        "1",
+        "--workers",
+        "0",
+        "--quiet",
+        "--steps",
+        "1",
+        "--log-every",
+        "1",
+        "--data",
+        str(demo / "preprocessed"),
+        "--out",
+        str(tmp_path / "ssl"),
+    ]
     assert pretrain.main(args) == 0
     row = json.loads((tmp_path / "ssl" / "log.jsonl").read_text().splitlines()[0])
     assert all(math.isfinite(row[k]) for k in ("loss", "rot", "contrast", "rec"))
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--arch", "unet_q"], "invalid choice: 'unet_q'"),
-    (["--patch", "48", "--mask-token", "5"], "not divisible by --mask-token 5"),
-    (["--arch", "unet_b", "--method", "swin_ssl"], "use --arch swinunetr"),
-    (["--patch", "40"], "multiple of 16"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--arch", "unet_q"], "invalid choice: 'unet_q'"),
+        (["--patch", "48", "--mask-token", "5"], "not divisible by --mask-token 5"),
+        (["--arch", "unet_b", "--method", "swin_ssl"], "use --arch swinunetr"),
+        (["--patch", "40"], "multiple of 16"),
+    ],
+)
 def test_bad_flags_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         pretrain.get_args(argv)
@@ -176,10 +219,27 @@ def test_non_finite_losses_skip_then_stop(demo, tmp_path, monkeypatch, capsys):
         loss, parts, out = real(model, inp, target, a, key, autocast)
         calls.append(key)
         return (loss * float("nan") if key[1] >= 2 else loss), parts, out
+
     monkeypatch.setattr(pretrain, "compute_loss", nan_from_step_2)
     run = tmp_path / "nan"
-    assert pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "10",
-                                 "--max-bad-steps", "3", "--val-fraction", "0"]) == 1
+    assert (
+        pretrain.main(
+            TINY
+            + [
+                "--data",
+                str(demo / "preprocessed"),
+                "--out",
+                str(run),
+                "--steps",
+                "10",
+                "--max-bad-steps",
+                "3",
+                "--val-fraction",
+                "0",
+            ]
+        )
+        == 1
+    )
     assert "stopped at step 4: 3 steps in a row had a non-finite loss or gradients" in capsys.readouterr().err
     rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "skipped" in r] == [2, 3, 4]

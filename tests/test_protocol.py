@@ -2,6 +2,7 @@
 their test splits (scikit-learn's train_test_split, reproduced with numpy), the WMH task
 as their default (FLAIR only, label 2 a class), their evaluator's metrics, Yucca's
 thick-slice transpose, and the pretraining leakage guard."""
+
 import json
 
 import nibabel as nib
@@ -25,18 +26,19 @@ def save(path, arr, affine=np.eye(4)):
 def head(seed):
     rng = np.random.default_rng(seed)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
-    return (((g ** 2).sum(0) < 0.75) * rng.uniform(50, 100, SHAPE)).astype(np.float32)
+    return (((g**2).sum(0) < 0.75) * rng.uniform(50, 100, SHAPE)).astype(np.float32)
 
 
 def blob(values=(1,)):
     lab = np.zeros(SHAPE, np.uint8)
     for i, v in enumerate(values):
-        lab[8 + 2 * i:11 + 2 * i, 9:13, 7:10] = v
+        lab[8 + 2 * i : 11 + 2 * i, 9:13, 7:10] = v
     return lab
 
 
 # -----------------------------------------------------------------------------
 # Test splits
+
 
 @pytest.mark.parametrize("fmt, n", [("brats21", 1251), ("isles22", 250), ("brats21", 20), ("isles22", 16)])
 def test_authors_split_equals_scikit_learn(fmt, n):
@@ -84,8 +86,13 @@ def test_converted_brats_and_isles_trees_hold_the_authors_test_cases(tmp_path):
 # -----------------------------------------------------------------------------
 # WMH as the authors' default task
 
+
 def wmh_tree(raw):
-    for part, site, case in (("training", "Utrecht", "0"), ("training", "Amsterdam/GE3T", "100"), ("test", "Singapore", "50")):
+    for part, site, case in (
+        ("training", "Utrecht", "0"),
+        ("training", "Amsterdam/GE3T", "100"),
+        ("test", "Singapore", "50"),
+    ):
         d = raw / part / site / case
         save(d / "pre" / "FLAIR.nii.gz", head(int(case)))
         save(d / "pre" / "T1.nii.gz", head(int(case) + 1))
@@ -93,8 +100,10 @@ def wmh_tree(raw):
 
 
 def test_wmh_default_is_flair_only_with_label_2_a_class_and_the_opt_ins_give_the_challenge_set_up(tmp_path):
-    import finetune
     import torch
+
+    import finetune
+
     raw = tmp_path / "raw"
     wmh_tree(raw)
     out = tmp_path / "wmh"
@@ -105,8 +114,32 @@ def test_wmh_default_is_flair_only_with_label_2_a_class_and_the_opt_ins_give_the
     assert np.load(out / "images" / "training_Utrecht_0.npy").shape[0] == 1
     assert set(np.unique(np.load(out / "labels" / "training_Utrecht_0.npy"))) == {0, 1, 2}
     ft = tmp_path / "ft"
-    assert finetune.main(["--arch", "unet_b", "--patch", "32", "--batch", "1", "--steps", "1", "--n-train", "2", "--workers",
-                          "0", "--quiet", "--pretrained", "none", "--data", str(out), "--out", str(ft)]) == 0
+    assert (
+        finetune.main(
+            [
+                "--arch",
+                "unet_b",
+                "--patch",
+                "32",
+                "--batch",
+                "1",
+                "--steps",
+                "1",
+                "--n-train",
+                "2",
+                "--workers",
+                "0",
+                "--quiet",
+                "--pretrained",
+                "none",
+                "--data",
+                str(out),
+                "--out",
+                str(ft),
+            ]
+        )
+        == 0
+    )
     ck = torch.load(ft / "ckpt.pt", weights_only=True)
     assert ck["in_channels"] == 1 and ck["n_outputs"] == 3 and ck["label_values"] == [0, 1, 2]
 
@@ -119,6 +152,7 @@ def test_wmh_default_is_flair_only_with_label_2_a_class_and_the_opt_ins_give_the
 
 # -----------------------------------------------------------------------------
 # The authors' metrics
+
 
 def counts(pred, ref, a, b):
     return int(((ref == a) & (pred == b)).sum())
@@ -164,8 +198,16 @@ def test_authors_metrics_by_an_independent_confusion_matrix():
 
 
 def test_authors_summary_nanmean_rounding_and_all_nan_zero():
-    rows = [{"case": c, "metrics": {"1": dict.fromkeys(evaluate.AUTHORS_METRICS, v), "3": dict.fromkeys(
-        evaluate.AUTHORS_METRICS, float("nan"))}} for c, v in (("a", 0.12345), ("b", float("nan")), ("c", 0.5))]
+    rows = [
+        {
+            "case": c,
+            "metrics": {
+                "1": dict.fromkeys(evaluate.AUTHORS_METRICS, v),
+                "3": dict.fromkeys(evaluate.AUTHORS_METRICS, float("nan")),
+            },
+        }
+        for c, v in (("a", 0.12345), ("b", float("nan")), ("c", 0.5))
+    ]
     s = evaluate.authors_summary(rows, ["1", "3"])
     assert s["1"]["dice"]["mean"] == round((0.12345 + 0.5) / 2, 4) and s["1"]["dice"]["nan_excluded"] == 1
     assert s["3"]["dice"]["mean"] == 0.0 and s["3"]["dice"]["n"] == 0  # NaN in every case reports 0
@@ -174,9 +216,13 @@ def test_authors_summary_nanmean_rounding_and_all_nan_zero():
 # -----------------------------------------------------------------------------
 # Yucca's planner: thick-slice data stored thick axis first
 
+
 def test_plan_transpose_fires_for_thick_slices_only():
-    wmh_like = [((240, 240, 48), (0.96, 0.96, 3.0))] * 20 + [((232, 256, 48), (0.98, 0.98, 3.0))] * 20 \
+    wmh_like = (
+        [((240, 240, 48), (0.96, 0.96, 3.0))] * 20
+        + [((232, 256, 48), (0.98, 0.98, 3.0))] * 20
         + [((132, 256, 83), (1.2, 0.98, 1.2))] * 20
+    )
     assert preprocess.plan_transpose(wmh_like) == [2, 0, 1]  # median sizes (232, 256, 48): the 48 first
     assert preprocess.plan_transpose([((240, 240, 155), (1.0, 1.0, 1.0))] * 5) == [0, 1, 2]  # BraTS
     assert preprocess.plan_transpose([((200, 200, 40), (1.0, 1.0, 1.4))] * 5) == [0, 1, 2]  # thin enough slices
@@ -196,12 +242,16 @@ def test_transposed_case_maps_back_to_the_same_native_grid():
     assert np.array_equal(lab1, lab0.transpose(2, 0, 1))
     assert np.array_equal(preprocess.to_native(lab1, meta1), preprocess.to_native(lab0, meta0))
     import torch
+
     logits = torch.from_numpy(np.stack([1 - lab0, lab0]).astype(np.float32))
-    assert np.array_equal(preprocess.native_argmax(logits.permute(0, 3, 1, 2), meta1), preprocess.native_argmax(logits, meta0))
+    assert np.array_equal(
+        preprocess.native_argmax(logits.permute(0, 3, 1, 2), meta1), preprocess.native_argmax(logits, meta0)
+    )
 
 
 # -----------------------------------------------------------------------------
 # Leakage guard
+
 
 def test_a_challenge_download_as_pretraining_data_leaves_its_test_cases_out(tmp_path):
     raw = tmp_path / "raw"
@@ -210,13 +260,18 @@ def test_a_challenge_download_as_pretraining_data_leaves_its_test_cases_out(tmp_
     assert preprocess.run(raw, out, workers=1, quiet=True, fmt="wmh", wmh_t1=True, pretraining=True)[2] == []
     ds = json.loads((out / "dataset.json").read_text())
     assert not ds["labelled"] and ds["left_out_test_cases"] == ["test_Singapore_50"]
-    assert sorted(c["case"] for c in ds["cases"]) == ["training_Amsterdam_GE3T_100_FLAIR", "training_Amsterdam_GE3T_100_T1",
-                                                     "training_Utrecht_0_FLAIR", "training_Utrecht_0_T1"]
+    assert sorted(c["case"] for c in ds["cases"]) == [
+        "training_Amsterdam_GE3T_100_FLAIR",
+        "training_Amsterdam_GE3T_100_T1",
+        "training_Utrecht_0_FLAIR",
+        "training_Utrecht_0_T1",
+    ]
     assert not (out / "labels").exists() and np.load(out / "images" / "training_Utrecht_0_T1.npy").shape[0] == 1
 
 
 def test_pretraining_on_a_test_case_is_named(tmp_path, capsys):
     import pretrain
+
     raw = tmp_path / "raw"
     wmh_tree(raw)
     labelled, everything, clean = tmp_path / "wmh", tmp_path / "all", tmp_path / "clean"
@@ -224,10 +279,33 @@ def test_pretraining_on_a_test_case_is_named(tmp_path, capsys):
     preprocess.run(raw, everything, workers=1, quiet=True)  # the whole download as unlabelled volumes: leaks
     preprocess.run(raw, clean, workers=1, quiet=True, fmt="wmh", pretraining=True)
     import data
+
     assert data.leaked_test_files(everything, [labelled]) == {str(labelled): ["FLAIR.nii.gz", "wmh.nii.gz"]}
     assert data.leaked_test_files(clean, [labelled]) == {}
-    assert pretrain.main(["--arch", "unet_b", "--patch", "32", "--batch", "1", "--steps", "1", "--workers", "0", "--quiet",
-                          "--data", str(everything), "--out", str(tmp_path / "run"), "--test-sets", str(labelled)]) == 0
+    assert (
+        pretrain.main(
+            [
+                "--arch",
+                "unet_b",
+                "--patch",
+                "32",
+                "--batch",
+                "1",
+                "--steps",
+                "1",
+                "--workers",
+                "0",
+                "--quiet",
+                "--data",
+                str(everything),
+                "--out",
+                str(tmp_path / "run"),
+                "--test-sets",
+                str(labelled),
+            ]
+        )
+        == 0
+    )
     assert f"are test cases of {labelled}" in capsys.readouterr().out
 
 

@@ -1,6 +1,7 @@
 """README's first Quick-start command, run as written at a reduced size (flags appended
 last win in argparse), twice: so the newcomer's path cannot silently rot, and a rerun
 picks up finished work instead of failing."""
+
 import os
 import re
 import shlex
@@ -8,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALLER = {"preprocess.py": ["--demo-cases", "8", "--demo-shape", "48", "48", "48"],
-           "pretrain.py": ["--steps", "2", "--workers", "0", "--quiet"],
-           "finetune.py": ["--steps", "2", "--n-train", "3", "--val-cases", "1", "--workers", "0", "--quiet"],
-           "evaluate.py": ["--quiet"]}
+SMALLER = {
+    "preprocess.py": ["--demo-cases", "8", "--demo-shape", "48", "48", "48"],
+    "pretrain.py": ["--steps", "2", "--workers", "0", "--quiet"],
+    "finetune.py": ["--steps", "2", "--n-train", "3", "--val-cases", "1", "--workers", "0", "--quiet"],
+    "evaluate.py": ["--quiet"],
+}
 
 
 def demo_commands():
@@ -22,6 +27,7 @@ def demo_commands():
     return [shlex.split(c) for c in first.split("&&")]
 
 
+@pytest.mark.slow
 def test_readme_demo_command_runs(tmp_path):
     cmds = demo_commands()
     scripts = [c[1] for c in cmds if c[0] == "python" and c[1].endswith(".py")]

@@ -1,6 +1,7 @@
 """The paper's downstream tasks: each dataset's download layout converted and
 preprocessed (preprocess.py --format), label names / regions / ignore label carried to
 training and evaluation, the challenge rules, and the comparison report."""
+
 import json
 import math
 
@@ -20,14 +21,14 @@ SHAPE = (26, 28, 24)
 def head(seed, scale=1.0):
     rng = np.random.default_rng(seed)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
-    inside = (g ** 2).sum(0) < 0.75
+    inside = (g**2).sum(0) < 0.75
     return (inside * (rng.uniform(50, 100, SHAPE) + 100 * scale * (g[0] + 1))).astype(np.float32)
 
 
 def blob(values=(1,)):
     lab = np.zeros(SHAPE, np.uint8)
     for i, v in enumerate(values):
-        lab[10 + 2 * i:13 + 2 * i, 11:15, 9:12] = v
+        lab[10 + 2 * i : 13 + 2 * i, 11:15, 9:12] = v
     return lab
 
 
@@ -39,8 +40,10 @@ def save(path, arr, affine=np.eye(4)):
 def channel_order_ok(image, sources):
     """Channel k of the preprocessed image is modality k: each modality here has its
     own intensity gradient along x (scale), which survives normalisation."""
-    slopes = [np.polyfit(np.arange(image.shape[1]), image[k][:, image.shape[2] // 2, image.shape[3] // 2], 1)[0]
-              for k in range(len(sources))]
+    slopes = [
+        np.polyfit(np.arange(image.shape[1]), image[k][:, image.shape[2] // 2, image.shape[3] // 2], 1)[0]
+        for k in range(len(sources))
+    ]
     return np.argsort(slopes).tolist() == np.argsort(sources).tolist()
 
 
@@ -69,7 +72,9 @@ def test_isles22_channels_on_the_mask_grid(tmp_path):
     raw = tmp_path / "raw"
     sub = "sub-strokecase0001"
     dwi_aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    flair_aff = np.array([[0, 1.2, 0, -3.0], [-1.1, 0, 0, 4.0], [0, 0, 1.6, -1.0], [0, 0, 0, 1]])  # own spacing and axes
+    flair_aff = np.array(
+        [[0, 1.2, 0, -3.0], [-1.1, 0, 0, 4.0], [0, 0, 1.6, -1.0], [0, 0, 0, 1]]
+    )  # own spacing and axes
     flair = head(7, 1.0)
     save(raw / sub / "ses-0001" / "anat" / f"{sub}_ses-0001_FLAIR.nii.gz", flair, flair_aff)
     save(raw / sub / "ses-0001" / "dwi" / f"{sub}_ses-0001_dwi.nii.gz", head(8, 2.0), dwi_aff)
@@ -109,7 +114,10 @@ def test_wmh_challenge_set_up_and_a_label_on_another_grid_is_named(tmp_path):
     assert done == 2 and len(failed) == 1 and "must share the image's voxel grid" in failed[0]["reason"]
     ds = json.loads((out / "dataset.json").read_text())
     assert ds["ignore_label"] == 2 and ds["evaluation_regions"] == {"white matter hyperintensities": [1]}
-    assert {c["case"]: c["split"] for c in ds["cases"]} == {"training_Amsterdam_GE3T_100": "train", "test_Singapore_50": "test"}
+    assert {c["case"]: c["split"] for c in ds["cases"]} == {
+        "training_Amsterdam_GE3T_100": "train",
+        "test_Singapore_50": "test",
+    }
     assert ds["channels"] == {"0": "FLAIR", "1": "T1"}
 
 
@@ -122,12 +130,17 @@ def test_msseg_case_names_include_the_centre(tmp_path):
         save(d / "Masks" / "Consensus.nii.gz", blob())
     done, _, failed = preprocess.run(raw, tmp_path / "pre", workers=1, quiet=True, fmt="msseg")
     ds = json.loads((tmp_path / "pre" / "dataset.json").read_text())
-    assert done == 2 and not failed and sorted(c["case"] for c in ds["cases"]) == ["Center_01_Patient_01", "Center_03_Patient_01"]
+    assert (
+        done == 2
+        and not failed
+        and sorted(c["case"] for c in ds["cases"]) == ["Center_01_Patient_01", "Center_03_Patient_01"]
+    )
     assert ds["n_channels"] == 5
 
 
 # -----------------------------------------------------------------------------
 # Regions, the ignore label and the challenge rules
+
 
 def test_region_dice_by_hand_and_ignore_changes_nothing():
     ref = np.zeros((10, 10, 10), np.int64)
@@ -141,7 +154,9 @@ def test_region_dice_by_hand_and_ignore_changes_nothing():
     wt_ref, wt_pred = 64, 64 - 16
     assert m["whole tumour"]["dice"] == pytest.approx(2 * wt_pred / (wt_ref + wt_pred))
     assert m["tumour core"]["dice"] == 1.0 and m["enhancing tumour"]["dice"] == 1.0
-    empty = evaluate.case_metrics(np.zeros_like(ref), np.zeros_like(ref), (1, 1, 1), {"enhancing tumour": [3]}, rules="brats")
+    empty = evaluate.case_metrics(
+        np.zeros_like(ref), np.zeros_like(ref), (1, 1, 1), {"enhancing tumour": [3]}, rules="brats"
+    )
     assert empty["enhancing tumour"]["dice"] == 1.0 and empty["enhancing tumour"]["hd95_mm"] == 0.0
     miss = evaluate.case_metrics(np.zeros_like(ref), ref, (1, 1, 1), {"enhancing tumour": [3]}, rules="brats")
     assert miss["enhancing tumour"]["dice"] == 0.0 and miss["enhancing tumour"]["hd95_mm"] == 373.13
@@ -178,6 +193,7 @@ def test_ignore_and_region_losses():
 def test_region_training_end_to_end(demo, tmp_path):
     """An nnU-Net dataset.json with region labels is trained with one sigmoid per region."""
     import shutil
+
     data_dir = tmp_path / "pre"
     shutil.copytree(demo / "preprocessed", data_dir)
     ds = json.loads((data_dir / "dataset.json").read_text())
@@ -185,8 +201,30 @@ def test_region_training_end_to_end(demo, tmp_path):
     ds["regions_class_order"] = [1]
     (data_dir / "dataset.json").write_text(json.dumps(ds))
     out = tmp_path / "ft"
-    assert finetune.main(["--patch", "32", "--batch", "1", "--steps", "2", "--n-train", "2", "--workers", "0", "--quiet",
-                          "--pretrained", "none", "--data", str(data_dir), "--out", str(out)]) == 0
+    assert (
+        finetune.main(
+            [
+                "--patch",
+                "32",
+                "--batch",
+                "1",
+                "--steps",
+                "2",
+                "--n-train",
+                "2",
+                "--workers",
+                "0",
+                "--quiet",
+                "--pretrained",
+                "none",
+                "--data",
+                str(data_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["n_outputs"] == 1 and ck["training_regions"] == {"lesion": [1]}
     assert evaluate.main(["--run", str(out), "--data", str(data_dir), "--quiet", "--metrics", "challenge"]) == 0
@@ -200,19 +238,35 @@ def test_report_mean_and_std_by_hand(tmp_path, capsys):
         d = tmp_path / f"brats_xl_s{seed}" / "eval"
         d.mkdir(parents=True)
         summary = {r: {"dice": {"mean": v}} for r, v in (("whole tumour", wt), ("enhancing tumour", et))}
-        (d / "metrics.json").write_text(json.dumps({"dataset": "BraTS2021", "arch": "unet_xl", "pretrained": "runs/xl/encoder.pt",
-                                                    "summary": summary}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {"dataset": "BraTS2021", "arch": "unet_xl", "pretrained": "runs/xl/encoder.pt", "summary": summary}
+            )
+        )
         folders.append(str(d.parent))
     scratch = tmp_path / "brats_xl_scratch" / "eval"
     scratch.mkdir(parents=True)
-    (scratch / "metrics.json").write_text(json.dumps({"dataset": "BraTS2021", "arch": "unet_xl", "pretrained": "none",
-                                                      "summary": {"whole tumour": {"dice": {"mean": 0.5}}}}))
+    (scratch / "metrics.json").write_text(
+        json.dumps(
+            {
+                "dataset": "BraTS2021",
+                "arch": "unet_xl",
+                "pretrained": "none",
+                "summary": {"whole tumour": {"dice": {"mean": 0.5}}},
+            }
+        )
+    )
     assert evaluate.main(["--report", *folders, str(scratch.parent), "--out", str(tmp_path / "rep")]) == 0
     rows = {(r["init"], r["region"]): r for r in __import__("csv").DictReader(open(tmp_path / "rep" / "report.csv"))}
     wt = np.array([0.8, 0.7, 0.9])
     assert float(rows[("pretrained", "whole tumour")]["dice_mean"]) == pytest.approx(wt.mean())
-    assert float(rows[("pretrained", "whole tumour")]["dice_std"]) == pytest.approx(math.sqrt(((wt - wt.mean()) ** 2).mean()))
-    assert rows[("pretrained", "whole tumour")]["runs"] == "3" and float(rows[("scratch", "whole tumour")]["dice_mean"]) == 0.5
+    assert float(rows[("pretrained", "whole tumour")]["dice_std"]) == pytest.approx(
+        math.sqrt(((wt - wt.mean()) ** 2).mean())
+    )
+    assert (
+        rows[("pretrained", "whole tumour")]["runs"] == "3"
+        and float(rows[("scratch", "whole tumour")]["dice_mean"]) == 0.5
+    )
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| unet_xl | pretrained | runs/xl/encoder.pt | - | - | 3 | 0.8000 +- 0.0816" in md
     # the same run given twice counts once; a run scored with other metrics is a row of its own
@@ -220,8 +274,19 @@ def test_report_mean_and_std_by_hand(tmp_path, capsys):
     assert "| 3 | 0.8000 +- 0.0816" in (tmp_path / "rep2" / "report.md").read_text()
     other = tmp_path / "brats_xl_authors" / "eval"
     other.mkdir(parents=True)
-    (other / "metrics.json").write_text(json.dumps({"dataset": "BraTS2021", "arch": "unet_xl", "pretrained": "runs/xl/encoder.pt",
-                                                    "metric_set": "authors", "summary": {"all": {"dice": {"mean": 0.1}}}}))
+    (other / "metrics.json").write_text(
+        json.dumps(
+            {
+                "dataset": "BraTS2021",
+                "arch": "unet_xl",
+                "pretrained": "runs/xl/encoder.pt",
+                "metric_set": "authors",
+                "summary": {"all": {"dice": {"mean": 0.1}}},
+            }
+        )
+    )
     assert evaluate.main(["--report", *folders, str(other.parent), "--out", str(tmp_path / "rep3")]) == 0
     md3 = (tmp_path / "rep3" / "report.md").read_text()
-    assert "| 3 | 0.8000 +- 0.0816" in md3 and "### BraTS2021, authors metrics" in md3 and "| 1 | 0.1000 +- 0.0000" in md3
+    assert (
+        "| 3 | 0.8000 +- 0.0816" in md3 and "### BraTS2021, authors metrics" in md3 and "| 1 | 0.1000 +- 0.0000" in md3
+    )

@@ -1,6 +1,7 @@
 """training.py and the ways a run must never lose good work: injected non-finite
 losses, gradients and weights, a truncated log (a full disk, for real: test_faults.py); user errors vs bugs;
 portable preprocessing outputs; 4D inputs read once."""
+
 import ast
 import builtins
 import json
@@ -67,6 +68,7 @@ def poison(monkeypatch, how, from_step):
         if step >= from_step and how == "loss":
             loss = loss * float("nan")
         return loss, parts, out
+
     monkeypatch.setattr(pretrain, "compute_loss", wrapped)
 
 
@@ -80,20 +82,38 @@ def narrow_unet(monkeypatch):
     alone), which the guard rightly skips but which would make the skipped steps depend
     on the machine. ATen's own bf16 convolution has no such steps."""
     import models
+
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
 
     def build(arch, in_channels=1, mode="pretrain", **kw):
         enc = models.UNetEncoder(in_channels, 4)
         dec = models.UNetDecoder(enc.channels, in_channels, n_convs=1, skips=False)
         return models.EncoderDecoder(arch, mode, enc, dec, 16, in_channels, in_channels)
+
     monkeypatch.setattr(pretrain, "build_model", build)
 
 
 @pytest.mark.parametrize("how,dtype", [("loss", "fp32"), ("grad", "bf16"), ("weight", "fp32"), ("loss", "bf16")])
 def test_injected_non_finite_stops_with_finite_checkpoints_and_resumes(demo, tmp_path, monkeypatch, capsys, how, dtype):
     run = tmp_path / "run"
-    args = TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "10", "--steps-per-epoch", "3",
-                   "--ckpt-every", "2", "--max-bad-steps", "3", "--val-fraction", "0", "--dtype", dtype]
+    args = TINY + [
+        "--data",
+        str(demo / "preprocessed"),
+        "--out",
+        str(run),
+        "--steps",
+        "10",
+        "--steps-per-epoch",
+        "3",
+        "--ckpt-every",
+        "2",
+        "--max-bad-steps",
+        "3",
+        "--val-fraction",
+        "0",
+        "--dtype",
+        dtype,
+    ]
     if dtype == "bf16":
         narrow_unet(monkeypatch)
     poison(monkeypatch, how, from_step=4)
@@ -135,14 +155,25 @@ def test_save_refuses_non_finite_weights_and_keeps_the_previous(tmp_path):
 
 def test_truncated_log_line_then_resume(demo, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    args = TINY + ["--data", str(demo / "preprocessed"), "--out", str(run), "--steps", "4", "--ckpt-every", "2",
-                   "--val-fraction", "0"]
+    args = TINY + [
+        "--data",
+        str(demo / "preprocessed"),
+        "--out",
+        str(run),
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "2",
+        "--val-fraction",
+        "0",
+    ]
     save = training.save_checkpoint
 
     def killed_after_step_2(obj, path, keep_prev=True):
         save(obj, path, keep_prev)
         if path.name == "encoder.pt" and obj["step"] == 2:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(training, "save_checkpoint", killed_after_step_2)
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(args)
@@ -160,6 +191,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(demo, tmp_path, 
 
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
+
     monkeypatch.setattr(pretrain, "compute_loss", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         pretrain.main(TINY + ["--data", str(demo / "preprocessed"), "--out", str(tmp_path / "b"), "--steps", "1"])
@@ -175,7 +207,11 @@ def test_json_never_holds_nan(tmp_path):
 
 def test_both_scripts_use_the_shared_module():
     """No function of training.py is defined again in a training script."""
-    shared = {n.name for n in ast.parse((ROOT / "training.py").read_text()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    shared = {
+        n.name
+        for n in ast.parse((ROOT / "training.py").read_text()).body
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+    }
     for script in ("pretrain.py", "finetune.py"):
         tree = ast.parse((ROOT / script).read_text())
         own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
@@ -187,6 +223,7 @@ def test_both_scripts_use_the_shared_module():
 # -----------------------------------------------------------------------------
 # Portable outputs: meta holds resolved paths; a moved raw folder is named
 
+
 def test_evaluate_from_another_folder_and_after_the_raw_folder_moved(demo, tmp_path, monkeypatch, capsys):
     raw = tmp_path / "raw"
     shutil.copytree(demo / "raw", raw)
@@ -197,19 +234,41 @@ def test_evaluate_from_another_folder_and_after_the_raw_folder_moved(demo, tmp_p
     # same fingerprint from an absolute --input: nothing is redone
     assert preprocess.run(raw, tmp_path / "pre", workers=1, quiet=True)[:2] == (0, 8)
     run = tmp_path / "ft"
-    assert finetune.main(TINY + ["--data", "pre", "--pretrained", "none", "--n-train", "2", "--steps", "1", "--out", str(run)]) == 0
+    assert (
+        finetune.main(
+            TINY + ["--data", "pre", "--pretrained", "none", "--n-train", "2", "--steps", "1", "--out", str(run)]
+        )
+        == 0
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert evaluate.main(["--run", str(run), "--data", str(tmp_path / "pre"), "--quiet"]) == 0
     capsys.readouterr()
     raw.rename(tmp_path / "moved")
-    assert evaluate.main(["--run", str(run), "--data", str(tmp_path / "pre"), "--out", str(tmp_path / "e2"), "--quiet"]) == 1
+    assert (
+        evaluate.main(["--run", str(run), "--data", str(tmp_path / "pre"), "--out", str(tmp_path / "e2"), "--quiet"])
+        == 1
+    )
     out = capsys.readouterr().out
     failed = [ln for ln in out.splitlines() if ln.startswith("FAILED")]
     assert len(failed) == 2 and all("not found" in ln and "--raw-root" in ln for ln in failed)
-    assert evaluate.main(["--run", str(run), "--data", str(tmp_path / "pre"), "--out", str(tmp_path / "e3"), "--quiet",
-                          "--raw-root", str(tmp_path / "moved")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--run",
+                str(run),
+                "--data",
+                str(tmp_path / "pre"),
+                "--out",
+                str(tmp_path / "e3"),
+                "--quiet",
+                "--raw-root",
+                str(tmp_path / "moved"),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((tmp_path / "e3" / "metrics.json").read_text())["cases"]) == 2
 
 
@@ -238,6 +297,7 @@ def test_a_4d_file_is_read_once(tmp_path, monkeypatch):
     def counting_open(file, mode="r", *a, **k):
         fh = real_open(file, mode, *a, **k)
         return Counting(fh) if str(file) == str(f) and "b" in mode and "r" in mode else fh
+
     monkeypatch.setattr(builtins, "open", counting_open)
     done, _, failed = preprocess.run(tmp_path / "raw", tmp_path / "out", workers=1, quiet=True)
     monkeypatch.undo()
