@@ -80,6 +80,7 @@ def losses(run):
 # Signals
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_resume_equals_a_straight_run(demo, tmp_path):
     """SIGTERM to the process group, as a scheduler sends it: the DataLoader worker
     leaves it to the main process, which saves the step reached."""
@@ -114,6 +115,7 @@ def test_sigterm_saves_the_step_reached_and_resume_equals_a_straight_run(demo, t
     assert same_weights(run / "ckpt.pt", tmp_path / "straight" / "ckpt.pt")
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_with_workers_and_finetune_epoch_checkpoints(demo, tmp_path):
     """Ctrl-C reaches the DataLoader workers too: they ignore it, the main process
     saves the step reached. finetune.py checkpoints each epoch end."""
@@ -243,6 +245,7 @@ def children(pid):
 # One run per folder
 
 
+@pytest.mark.slow
 def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(demo, tmp_path, capsys):
     run = tmp_path / "run"
     args = TINY + [
@@ -295,6 +298,7 @@ sys.exit(pretrain.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("during", ["checkpoint", "sample"])
 def test_full_disk_for_real(demo, tmp_path, during):
     run = tmp_path / "run"
@@ -336,6 +340,7 @@ def test_full_disk_for_real(demo, tmp_path, during):
 # kill -9 in the middle of a save
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save(demo, tmp_path):
     run = tmp_path / "run"
     args = TINY + [
@@ -425,6 +430,7 @@ HOLD = (
 )
 
 
+@pytest.mark.slow
 def test_evaluate_killed_midway_redoes_only_the_missing_cases(demo, tmp_path, capsys):
     ft = tmp_path / "ft"
     assert (

@@ -63,6 +63,7 @@ def test_seg_loss():
     assert finetune.seg_loss(flat, seg, "ce").item() == pytest.approx(math.log(2), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_chain_predictions_in_native_space(demo, encoder, tmp_path, capsys):
     ft = tmp_path / "ft"
     args = TINY + [
@@ -178,6 +179,7 @@ def test_transfer_is_exact_and_bad_encoders_are_named(demo, encoder, tmp_path, c
     assert "--pretrained is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_is_exact(demo, encoder, tmp_path, monkeypatch):
     args = TINY + [
         "--data",

@@ -239,6 +239,7 @@ def test_amaes_mednext_release_into_pretrain_init(demo, tmp_path, capsys):
     assert models.read_pretrained(l_state)["arch"] == "mednext_l"
 
 
+@pytest.mark.slow
 def test_nnssl_resenc_release(demo, tmp_path):
     ck = nnssl_resenc_state()
     torch.save(ck, tmp_path / "openmind_resenc_l.pt")
@@ -253,6 +254,7 @@ def test_nnssl_resenc_release(demo, tmp_path):
                 str(tmp_path / "openmind_resenc_l.pt"),
                 "--patch",
                 "64",
+                "--no-preflight",  # its measurement is one more 64^3 step; test_preflight.py tests it
                 "--out",
                 str(out),
             ]
@@ -324,6 +326,7 @@ def test_nnssl_resenc_release_equals_dynamic_network_architectures(tmp_path):
         assert ((mine(x) - ref(x)).abs().max() / ref(x).abs().max()).item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_tang_model_swinvit_release_equals_monai_with_the_old_merging(demo, tmp_path, monkeypatch, capsys):
     swin = legacy_monai(monkeypatch)
     torch.manual_seed(3)
@@ -348,6 +351,7 @@ def test_tang_model_swinvit_release_equals_monai_with_the_old_merging(demo, tmp_
                 str(tmp_path / "model_swinvit.pt"),
                 "--patch",
                 "64",
+                "--no-preflight",  # its measurement is one more 64^3 step; test_preflight.py tests it
                 "--out",
                 str(out),
             ]
