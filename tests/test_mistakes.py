@@ -3,6 +3,7 @@ asserted -- the exit code, the one line, what is on disk, nothing lost, the righ
 dataset scored. Tiny runs on the session's demo data."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -316,7 +317,11 @@ def test_a_non_finite_volume_in_a_distributed_run(demo, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     said = [ln for ln in r.stderr.splitlines() if ln.startswith("pretrain.py: error:")]  # rank 0 alone says it
     assert r.returncode != 0 and len(said) == 1 and case in said[0] and "holds NaN or inf" in said[0], r.stderr[-2000:]
-    assert r.stderr.count("exitcode  : 2") == 2  # both processes stopped as for a user error (torchrun's report below)
+    # torchrun's report: the first rank to stop exited 2, as for a user error. The other exits 2 as well, or, on a
+    # loaded machine, is still on its way out when torchrun sees the first failure: torchrun then stops it itself
+    # and lists the first failure alone (or the other with its SIGTERM: 3 or -15)
+    codes = re.findall(r"^\s*exitcode\s+:\s*(-?\d+)", r.stderr, re.M)  # one per failed rank in the report
+    assert 1 <= len(codes) <= 2 and "2" in codes and set(codes) <= {"2", "3", "-15"}, r.stderr[-3000:]
 
 
 # -----------------------------------------------------------------------------
