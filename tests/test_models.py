@@ -6,7 +6,6 @@ import pathlib
 import pytest
 import torch
 
-import models
 from models import ARCHS, build_model, count_parameters, load_encoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -214,19 +213,6 @@ def test_bad_arguments():
         get("unet_b", "seg")(torch.randn(1, 1, 24, 32, 32))
     with pytest.raises(ValueError, match="decoder"):
         build_model("unet_b", 1, 2, decoder="native")
-
-
-def test_swinunetr_matches_the_public_implementation():
-    monai_nets = pytest.importorskip("monai.networks.nets")
-    torch.manual_seed(4)
-    ref = monai_nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=48, use_v2=False).eval()
-    ours = build_model("swinunetr", 1, 2).eval()
-    mapped = {models.swinunetr_key_map(k): v for k, v in ref.state_dict().items()}
-    assert set(mapped) == set(ours.state_dict())
-    ours.load_state_dict(mapped)
-    x = torch.randn(1, 1, 64, 64, 96)  # 96: padded windows and a mix of shifted/unshifted axes
-    with torch.no_grad():
-        assert torch.allclose(ref(x), ours(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

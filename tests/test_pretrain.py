@@ -146,6 +146,7 @@ def test_init_reinitialises_what_does_not_fit(tmp_path):
     assert pretrain.main(["--init", str(tmp_path / "xl.pt"), "--arch", "unet_b", "--out", str(tmp_path / "r")]) == 2
 
 
+@pytest.mark.slow
 def test_swin_ssl_heads_all_get_gradient():
     torch.manual_seed(0)
     model = build_model("swinunetr", mode="pretrain")

@@ -404,12 +404,15 @@ def test_brainsegfounder_two_channel_release_into_a_four_channel_task(tmp_path, 
 
 
 def test_legacy_patch_merging_equals_the_old_monai_and_default_equals_the_new(monkeypatch):
+    """models.py's SwinUNETR against the public implementation (MONAI's), key for key and output for output,
+    with today's PatchMerging and with the one Tang's and BrainSegFounder's weights were trained with."""
     swin = pytest.importorskip("monai.networks.nets.swin_unetr")
     torch.manual_seed(5)
-    x = torch.randn(1, 1, 64, 64, 64)
+    x = torch.randn(1, 1, 64, 64, 96)  # 96: padded windows and a mix of shifted/unshifted axes
     new = swin.SwinUNETR(in_channels=1, out_channels=2, feature_size=48, use_v2=False).eval()
     mapped = {models.swinunetr_key_map(k): v for k, v in new.state_dict().items()}
     ours_new = build_model("swinunetr", 1, 2).eval()
+    assert set(mapped) == set(ours_new.state_dict())
     ours_new.load_state_dict(mapped)
     ours_old = build_model("swinunetr", 1, 2, legacy_merge=True).eval()
     ours_old.load_state_dict(mapped)
