@@ -50,6 +50,15 @@ def options(parser):
     return found
 
 
+def helps(parser):
+    """The --help text of a parser and of each of its sub-commands, formatted as argparse prints it."""
+    text = parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            text += "".join(helps(sub) for sub in action.choices.values())
+    return text
+
+
 @pytest.fixture(scope="module")
 def parsers(monkeypatch_module):
     """script name -> {option string: choices}, captured at parse_args (nothing runs past it)."""
@@ -65,6 +74,7 @@ def parsers(monkeypatch_module):
         with pytest.raises(Captured) as c:
             runpy.run_path(str(ROOT / script), run_name="__main__")
         found[script] = options(c.value.parser)
+        helps(c.value.parser)  # --help itself works (a stray % in a help string breaks it)
     return found
 
 
