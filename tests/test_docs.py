@@ -1,7 +1,8 @@
-"""README.md and docs/ against the code: every flag they name exists in the parser of the
-script it is given to (or, in prose, of some script), every page of docs/ is reachable from
-README, and every relative link and #anchor resolves. The parsers are read from the scripts
-themselves (argparse), so a renamed or removed flag fails here, not in a newcomer's shell."""
+"""README.md and docs/ against the code: every script's --help formats, every flag the pages
+name exists in the parser of the script it is given to (or, in prose, of some script), every
+page of docs/ is reachable from README, and every relative link and #anchor resolves. The
+parsers are read from the scripts themselves (argparse), so a renamed or removed flag fails
+here, not in a newcomer's shell."""
 
 import argparse
 import re
