@@ -168,6 +168,9 @@ INTENSITY_ROWS = (
     "bias_field",
     "gamma",
 )
+INTENSITY_ALL = INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS  # every intensity row any preset has, in the order applied
+# the presets with a recipe of their own; the others use RECIPE
+PRESET_RECIPES = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +396,7 @@ def draw_params(seed, k, preset, channels, patch, recipe=RECIPE, clip=True):
     per channel (and per axis) where their transforms draw so."""
     rng = np.random.default_rng([seed, k, 1])
     # (show passes its forced recipes)
-    r = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, recipe) if recipe is RECIPE else recipe
+    r = PRESET_RECIPES.get(preset, recipe) if recipe is RECIPE else recipe
     p = {"key": key_of(seed, k, 2), "clip": clip, "spatial": {}, "intensity": {}}
     if preset == "none":
         return p
@@ -1075,7 +1078,7 @@ def intensity(x, params, key, clip=True):
     """The intensity rows that fired (params: row -> parameters), in the recipe's
     order; with clip each result is clipped to its input's range (per channel, as
     Yucca's transforms do; gamma: the sample's range)."""
-    for row in INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS:
+    for row in INTENSITY_ALL:
         if row in params:
             lo = x.amin(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.min()
             hi = x.amax(dim=(1, 2, 3), keepdim=True) if row != "gamma" else x.max()
@@ -1146,7 +1149,7 @@ class AmaesRow(IntensityTransform):
     def __init__(self, row, params, key, clip=True, **kwargs):
         super().__init__(**kwargs)
         if row not in INTENSITY:
-            raise ValueError(f"unknown row {row!r}; choose from {', '.join(INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS)}")
+            raise ValueError(f"unknown row {row!r}; choose from {', '.join(INTENSITY_ALL)}")
         self.row, self.params, self.key, self.clip = row, params, key, clip
         self.args_names = ["row", "params", "key", "clip"]
 
@@ -1332,7 +1335,7 @@ class _Base(torch.utils.data.Dataset):
         target = subject["image"].data.clone()
         rows = [
             AmaesRow(r, params["intensity"][r], params["key"], params["clip"])
-            for r in INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS
+            for r in INTENSITY_ALL
             if r in params["intensity"]
         ]
         if rows:
@@ -1606,7 +1609,7 @@ def swin_ssl_views(x, generator=None):
 
 def preset_rows(preset):
     """The rows a preset can fire, in the recipe's order."""
-    base = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, RECIPE)
+    base = PRESET_RECIPES.get(preset, RECIPE)
     if preset == "none":
         return []
     spatial = [r for r in SPATIAL_ROWS if base[r] > 0 and (r != "elastic" or preset == "all")]
@@ -1617,8 +1620,8 @@ def forced(preset, row, patch):
     """The preset's recipe with `row` firing for sure and every other row off (every
     axis and channel a row may skip taken too; Gibbs keeps 3/4 of the frequencies, the
     96 of 128 at the recipe's end, so that it shows on any patch)."""
-    base = {"wald": WALD, "nnunet": NNUNET, "bsf": BSF}.get(preset, RECIPE)
-    r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ROWS + NNUNET_ROWS + BSF_ROWS})
+    base = PRESET_RECIPES.get(preset, RECIPE)
+    r = dict(base, **{k: 0.0 for k in SPATIAL_ROWS + INTENSITY_ALL})
     r.update(
         {
             row: 1.0,
