@@ -61,29 +61,23 @@ def helps(parser):
 
 
 @pytest.fixture(scope="module")
-def parsers(monkeypatch_module):
+def parsers():
     """script name -> {option string: choices}, captured at parse_args (nothing runs past it)."""
 
     def capture(self, *args, **kwargs):
         raise Captured(self)
 
-    monkeypatch_module.setattr(argparse.ArgumentParser, "parse_args", capture)
-    monkeypatch_module.setattr(sys, "argv", ["x"])
-    monkeypatch_module.syspath_prepend(str(ROOT))
     found = {}
-    for script in SCRIPTS:
-        with pytest.raises(Captured) as c:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-        found[script] = options(c.value.parser)
-        helps(c.value.parser)  # --help itself works (a stray % in a help string breaks it)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        mp.setattr(sys, "argv", ["x"])
+        mp.syspath_prepend(str(ROOT))
+        for script in SCRIPTS:
+            with pytest.raises(Captured) as c:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            found[script] = options(c.value.parser)
+            helps(c.value.parser)  # --help itself works (a stray % in a help string breaks it)
     return found
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def commands(text):
